@@ -1,0 +1,16 @@
+"""The three hot ops of pyengine, each with a torch reference and pluggable backends.
+
+Every op takes ``backend="auto"|"torch"|"triton"|"cuda"|"cpu"``; "auto" picks the fastest
+backend that is available and correct for the inputs' device, and the torch reference is the
+ground truth the tests compare every backend against.
+"""
+from .masked_ffn import masked_ffn, masked_ffn_reference
+from .varlen_attention import varlen_attention, varlen_attention_reference
+
+try:  # the importance op lives beside the csrc extension loader
+    from .importance import importance_reduce, importance_reduce_reference
+except ImportError:  # pragma: no cover - only while the build files are missing
+    pass
+
+__all__ = ["varlen_attention", "varlen_attention_reference", "masked_ffn",
+           "masked_ffn_reference", "importance_reduce", "importance_reduce_reference"]
