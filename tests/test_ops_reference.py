@@ -71,3 +71,16 @@ def test_masked_ffn_reference(keep):
     want = (torch.nn.functional.gelu(x @ w1.T + b1) * gate * mask) @ w2.T + b2
     got = ops.masked_ffn(x, w1, b1, w2, b2, keep=keep, gate=gate)
     assert (got - want).abs().max() < 1e-10
+
+
+def test_varlen_attention_custom_op_flops_match_reference():
+    from torch.utils.flop_counter import FlopCounterMode
+    qk_dims, v_dims = [0, 7, 16, 16], [3, 7, 16, 16]
+    q, k = torch.randn(2, 11, sum(qk_dims)), torch.randn(2, 11, sum(qk_dims))
+    v = torch.randn(2, 11, sum(v_dims))
+    counts = []
+    for f in (torch.ops.pyengine.varlen_attention, ops.varlen_attention_reference):
+        with FlopCounterMode(display=False) as fc:
+            f(q, k, v, qk_dims, v_dims, [0.3] * 4)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * 11 * 11 * (7 + 7 + 16 + 16 + 16 + 16)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 
@@ -96,6 +97,13 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_d
 @_varlen_attention_op.register_fake
 def _(q, k, v, qk_dims, v_dims, scales):
     return q.new_empty(q.shape[0], q.shape[1], sum(v_dims), dtype=v.dtype)
+
+
+@register_flop_formula(torch.ops.pyengine.varlen_attention)
+def _flops(q_shape, k_shape, v_shape, qk_dims, v_dims, scales, *args, out_shape=None, **kwargs):
+    # what FlopCounterMode counts for SDPA: 2*B*N*Nk*(qk+v) per head; qk == 0 heads are means
+    B, N, _ = q_shape
+    return 2 * B * N * k_shape[1] * sum(q + v for q, v in zip(qk_dims, v_dims) if q > 0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -32,8 +32,6 @@ cost from gate probabilities should mirror them.
 from __future__ import annotations
 
 import math
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -548,22 +546,3 @@ def cost(model_or_spec: Any, batch: int = 1, dtype: torch.dtype | str = torch.fl
     return Cost(macs=macs, flops=2 * macs, bytes=sum(r.bytes for r in rows),
                 params=sum(r.params for r in rows), layers=rows, batch=B,
                 dtype=_dtype_name(dt), peaks=peaks, attention=attention)
-
-
-# `pyengine.cost` is meant to be both this module (`pyengine.cost.Peaks`) and the function
-# (`pyengine.cost(model)`). Importing the submodule rebinds the package attribute `cost` to the
-# module, so make the module callable, and hang the types on the function as well: both
-# spellings then work whichever object `pyengine.cost` ends up being.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Cost:
-        return cost(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-cost.Cost = Cost  # type: ignore[attr-defined]
-cost.Layer = Layer  # type: ignore[attr-defined]
-cost.Peaks = Peaks  # type: ignore[attr-defined]
-cost.PEAKS = PEAKS  # type: ignore[attr-defined]
-cost.peaks_for = peaks_for  # type: ignore[attr-defined]
-cost.block_macs = block_macs  # type: ignore[attr-defined]
-cost.total_macs = total_macs  # type: ignore[attr-defined]
