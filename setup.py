@@ -1,0 +1,212 @@
+"""Build script for pyengine's C++/CUDA extension ``pyengine._C``.
+
+Metadata lives in pyproject.toml; this file only adds the extension module.
+
+Variant selection (one line saying which variant is built is printed):
+
+* C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built, with -O3 and OpenMP when the
+  compiler supports it and torch uses the OpenMP parallel backend.
+* CUDA sources (csrc/cuda/*.cu) are added when all of these hold:
+    - PYENGINE_NO_CUDA is not "1",
+    - torch is a CUDA build (torch.version.cuda is not None),
+    - a CUDA toolkit with nvcc is found (see _resolve_cuda_home),
+    - the toolkit's major CUDA version equals torch's (otherwise: a warning, C++ only).
+  The CUDA variant targets TORCH_CUDA_ARCH_LIST, "8.0;9.0" (sm_80, sm_90) unless set.
+
+CUDA_HOME is resolved here, before torch.utils.cpp_extension is imported, because that module
+derives it from ``which nvcc`` at import time, which is wrong when nvcc is a wrapper script or a
+link outside the toolkit (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _log(msg: str) -> None:
+    print(f"[pyengine setup] {msg}", flush=True)
+
+
+def _is_toolkit(path: str | None) -> bool:
+    """A directory that holds a CUDA toolkit: bin/nvcc and include/cuda_runtime.h."""
+    if not path:
+        return False
+    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _toolkit_from_nvcc_dryrun(nvcc: str) -> str | None:
+    """Ask nvcc where it lives (works through wrapper scripts): `nvcc --dryrun` prints _HERE_."""
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+    if not m:
+        return None
+    return os.path.dirname(os.path.realpath(m.group(1)))
+
+
+def _resolve_cuda_home() -> str | None:
+    """env CUDA_HOME / CUDA_PATH, else the toolkit holding `which nvcc`, else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        env = os.environ.get(var)
+        if env:
+            if _is_toolkit(env):
+                return env
+            _log(f"warning: {var}={env} does not look like a CUDA toolkit (no bin/nvcc or "
+                 f"include/cuda_runtime.h); looking elsewhere")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(cand):
+            return cand
+        cand = _toolkit_from_nvcc_dryrun(nvcc)
+        if _is_toolkit(cand):
+            return cand
+    if _is_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda"
+    return None
+
+
+def _nvcc_version(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+# Resolve the toolkit BEFORE torch.utils.cpp_extension is imported (it reads CUDA_HOME once).
+_CUDA_HOME = None if os.environ.get("PYENGINE_NO_CUDA") == "1" else _resolve_cuda_home()
+if _CUDA_HOME:
+    os.environ["CUDA_HOME"] = _CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if _CUDA_HOME and getattr(cpp_extension, "CUDA_HOME", None) != _CUDA_HOME:
+    # cpp_extension was imported earlier by something else and cached a wrong guess
+    cpp_extension.CUDA_HOME = _CUDA_HOME
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    if os.environ.get("PYENGINE_NO_CUDA") == "1":
+        return False, "PYENGINE_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if not _CUDA_HOME:
+        return False, "no CUDA toolkit with nvcc found (set CUDA_HOME to build the CUDA kernels)"
+    tk = _nvcc_version(_CUDA_HOME)
+    if tk is None:
+        return False, f"could not read the nvcc version of {_CUDA_HOME}"
+    if tk.split(".")[0] != torch.version.cuda.split(".")[0]:
+        _log("WARNING: " + "!" * 60)
+        _log(f"WARNING: CUDA toolkit {tk} at {_CUDA_HOME} does not match the major version of "
+             f"torch's CUDA {torch.version.cuda}; building the C++ (CPU) kernels only. Install a "
+             f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit (or set CUDA_HOME) for the "
+             f"CUDA kernels.")
+        _log("WARNING: " + "!" * 60)
+        return False, f"toolkit CUDA {tk} != torch CUDA {torch.version.cuda} (major)"
+    return True, f"toolkit CUDA {tk} at {_CUDA_HOME}, torch CUDA {torch.version.cuda}"
+
+
+def _compiler_supports(flag: str) -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            r = subprocess.run([cxx, flag, src, "-o", os.path.join(d, "t")],
+                               capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    if sys.platform == "darwin" or os.environ.get("PYENGINE_NO_OPENMP") == "1":
+        return [], []
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
+        return [], []
+    if not _compiler_supports("-fopenmp"):
+        _log("warning: the C++ compiler does not accept -fopenmp; CPU kernels run single-threaded")
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _extensions():
+    cpp_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    omp_cflags, omp_lflags = _openmp_flags()
+    cxx_flags = ["-O3", *omp_cflags]  # the C++ standard comes from cpp_extension (torch's)
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    with_cuda, why = _cuda_decision()
+    if with_cuda and not cu_sources:
+        with_cuda, why = False, "no csrc/cuda/*.cu sources"
+    if with_cuda:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # cpp_extension turns it into -gencode flags
+        _log(f"building pyengine._C: C++ + CUDA variant (archs {arch}; {why}; "
+             f"OpenMP {'on' if omp_cflags else 'off'})")
+        return [CUDAExtension(
+            name="pyengine._C",
+            sources=cpp_sources + cu_sources,
+            include_dirs=include_dirs,
+            define_macros=[("PYENGINE_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=omp_lflags,
+        )]
+    _log(f"building pyengine._C: C++ (CPU) only variant ({why}; "
+         f"OpenMP {'on' if omp_cflags else 'off'})")
+    return [CppExtension(
+        name="pyengine._C",
+        sources=cpp_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=omp_lflags,
+    )]
+
+
+def _packages() -> list[str]:
+    pkgs = find_packages(where=ROOT, include=["pyengine", "pyengine.*"])
+    for p in ("pyengine", "pyengine.ops"):  # also before their __init__.py files exist
+        if p not in pkgs:
+            pkgs.append(p)
+    kernels = find_packages(where=os.path.join(ROOT, "kernels"))
+    return sorted(pkgs + ["pyengine.kernels"] + [f"pyengine.kernels.{k}" for k in kernels])
+
+
+setup(
+    packages=_packages(),
+    package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
