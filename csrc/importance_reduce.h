@@ -10,12 +10,16 @@ namespace pyengine {
 // Validates (x, g), returns x and g as contiguous [N, C] tensors of one common floating dtype
 // (g undefined when absent). Errors: TypeError for non-floating dtypes, ValueError for shapes,
 // RuntimeError for devices.
+inline bool importance_reduce_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
 inline std::pair<at::Tensor, at::Tensor> importance_reduce_prepare(
     const at::Tensor& x, const std::optional<at::Tensor>& g_opt) {
   TORCH_CHECK_VALUE(x.dim() >= 1,
                     "pyengine::importance_reduce: x must have at least 1 dim ([..., C]), got a "
                     "0-dim tensor");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+  TORCH_CHECK_TYPE(importance_reduce_dtype_ok(x.scalar_type()),
                    "pyengine::importance_reduce: x must be a floating tensor (float32, float16, "
                    "bfloat16 or float64), got ", x.scalar_type());
   const int64_t C = x.size(-1);
@@ -24,8 +28,9 @@ inline std::pair<at::Tensor, at::Tensor> importance_reduce_prepare(
   at::Tensor g2;
   if (g_opt.has_value() && g_opt->defined()) {
     const at::Tensor& g = *g_opt;
-    TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()),
-                     "pyengine::importance_reduce: g must be a floating tensor, got ",
+    TORCH_CHECK_TYPE(importance_reduce_dtype_ok(g.scalar_type()),
+                     "pyengine::importance_reduce: g must be a floating tensor (float32, "
+                     "float16, bfloat16 or float64), got ",
                      g.scalar_type());
     TORCH_CHECK_VALUE(g.sizes() == x.sizes(),
                       "pyengine::importance_reduce: g must have the shape of x, got g ",

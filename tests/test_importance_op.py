@@ -158,6 +158,11 @@ def test_cpu_kernel_errors():
         op(torch.ones(4, 8, dtype=torch.int32))
     with pytest.raises(TypeError, match="g must be a floating tensor"):
         op(x, torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        op(torch.ones(4, 8, dtype=torch.complex64))
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match="x must be a floating tensor"):
+            op(torch.ones(4, 8).to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="at least 1 dim"):
         op(torch.tensor(3.0))
     with pytest.raises(RuntimeError, match="same device"):
@@ -268,6 +273,8 @@ def test_dispatch_errors():
         importance_reduce(torch.ones(4, 8, dtype=torch.int64), backend="torch")
     with pytest.raises(TypeError, match="floating"):
         importance_reduce(torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="floating"):
+        importance_reduce(x, torch.ones(4, 8, dtype=torch.complex64), backend="torch")
     with pytest.raises(ValueError, match="at least 1 dim"):
         importance_reduce(torch.tensor(1.0), backend="torch")
     with pytest.raises(TypeError, match="torch.Tensor"):

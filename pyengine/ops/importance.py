@@ -39,6 +39,9 @@ _TRITON_TODO = (
 )
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check(x: Tensor, g: Tensor | None) -> None:
     """The argument checks of the op (same exception types and wording as the C++ kernels)."""
     if not isinstance(x, Tensor):
@@ -46,7 +49,7 @@ def _check(x: Tensor, g: Tensor | None) -> None:
     if x.dim() < 1:
         raise ValueError("pyengine::importance_reduce: x must have at least 1 dim ([..., C]), "
                          "got a 0-dim tensor")
-    if not x.is_floating_point():
+    if x.dtype not in _DTYPES:
         raise TypeError("pyengine::importance_reduce: x must be a floating tensor (float32, "
                         f"float16, bfloat16 or float64), got {x.dtype}")
     if g is None:
@@ -54,8 +57,9 @@ def _check(x: Tensor, g: Tensor | None) -> None:
     if not isinstance(g, Tensor):
         raise TypeError(f"importance_reduce: g must be a torch.Tensor or None, got "
                         f"{type(g).__name__}")
-    if not g.is_floating_point():
-        raise TypeError(f"pyengine::importance_reduce: g must be a floating tensor, got {g.dtype}")
+    if g.dtype not in _DTYPES:
+        raise TypeError("pyengine::importance_reduce: g must be a floating tensor (float32, "
+                        f"float16, bfloat16 or float64), got {g.dtype}")
     if g.shape != x.shape:
         raise ValueError(f"pyengine::importance_reduce: g must have the shape of x, got g "
                          f"{list(g.shape)} and x {list(x.shape)}")
