@@ -6,15 +6,23 @@ Variant selection (one line saying which variant is built is printed):
 
 * C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built, with -O3 and OpenMP when the
   compiler supports it and torch uses the OpenMP parallel backend.
-* CUDA sources (csrc/cuda/*.cu) are added when all of these hold:
-    - PYENGINE_NO_CUDA is not "1",
-    - torch is a CUDA build (torch.version.cuda is not None),
-    - a CUDA toolkit with nvcc is found (see _resolve_cuda_home),
-    - the toolkit's major CUDA version equals torch's (otherwise: a warning, C++ only).
+* CUDA sources (csrc/cuda/*.cu) are built when they can run or when asked:
+    - asked: FORCE_CUDA=1 or PYENGINE_CUDA=1 (CI sets it, so that a CUDA compile error fails
+      CI on a machine without a GPU); the build then fails, saying why, if it cannot compile
+      them (a CPU build of torch, no nvcc, a toolkit whose major version is not torch's);
+    - otherwise only when torch sees a CUDA GPU (and the toolkit fits; else a warning and C++
+      only). A machine without a GPU builds the C++ kernels only: compiling CUDA kernels it
+      cannot run cost minutes of nvcc for nothing;
+    - PYENGINE_NO_CUDA=1 always skips them.
   The CUDA variant targets TORCH_CUDA_ARCH_LIST, "8.0;9.0" (sm_80, sm_90) unless set. No kernel
   uses Hopper-only instructions (wgmma/TMA), so there is no sm_90a target.
 * A toolkit from pip wheels (nvidia-cuda-nvcc & co under site-packages/nvidia/cu13, what
   .ci/run installs) works too: see _cudart_link_dir.
+
+Rebuilds are incremental: the objects live in a persistent folder build/ext-<variant>-<python>-
+torch<version> (not in the temporary folder pip gives an editable install), so ninja recompiles
+only the sources that changed, and ccache is used when it is on the PATH. A second
+``pip install --no-build-isolation -e .`` with unchanged sources only relinks.
 
 CUDA_HOME is resolved here, before torch.utils.cpp_extension is imported, because that module
 derives it from ``which nvcc`` at import time, which is wrong when nvcc is a wrapper script or a
@@ -33,6 +41,7 @@ import tempfile
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+_VARIANT = "cpp"  # set by _extensions(): "cpp" or "cuda" (names the persistent build folder)
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -110,25 +119,45 @@ if _CUDA_HOME and getattr(cpp_extension, "CUDA_HOME", None) != _CUDA_HOME:
     cpp_extension.CUDA_HOME = _CUDA_HOME
 
 
+def _cuda_asked() -> str | None:
+    """The variable that asks for the CUDA kernels whatever the machine (FORCE_CUDA=1 or
+    PYENGINE_CUDA=1), or None."""
+    for var in ("PYENGINE_CUDA", "FORCE_CUDA"):
+        if os.environ.get(var) == "1":
+            return var
+    return None
+
+
 def _cuda_decision() -> tuple[bool, str]:
     if os.environ.get("PYENGINE_NO_CUDA") == "1":
         return False, "PYENGINE_NO_CUDA=1"
+    asked = _cuda_asked()
+    if asked is None and not torch.cuda.is_available():
+        return False, ("no CUDA GPU visible; set FORCE_CUDA=1 to compile the CUDA kernels "
+                       "anyway")
+
+    def cannot(why: str) -> tuple[bool, str]:
+        if asked:
+            raise SystemExit(f"[pyengine setup] error: {asked}=1 asks for the CUDA kernels, but "
+                             f"{why}")
+        return False, why
+
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is not a CUDA build"
+        return cannot(f"torch {torch.__version__} is not a CUDA build")
     if not _CUDA_HOME:
-        return False, "no CUDA toolkit with nvcc found (set CUDA_HOME to build the CUDA kernels)"
+        return cannot("no CUDA toolkit with nvcc found (set CUDA_HOME to one)")
     tk = _nvcc_version(_CUDA_HOME)
     if tk is None:
-        return False, f"could not read the nvcc version of {_CUDA_HOME}"
+        return cannot(f"could not read the nvcc version of {_CUDA_HOME}")
     if tk.split(".")[0] != torch.version.cuda.split(".")[0]:
-        _log("WARNING: " + "!" * 60)
-        _log(f"WARNING: CUDA toolkit {tk} at {_CUDA_HOME} does not match the major version of "
-             f"torch's CUDA {torch.version.cuda}; building the C++ (CPU) kernels only. Install a "
-             f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit (or set CUDA_HOME) for the "
-             f"CUDA kernels.")
-        _log("WARNING: " + "!" * 60)
-        return False, f"toolkit CUDA {tk} != torch CUDA {torch.version.cuda} (major)"
-    return True, f"toolkit CUDA {tk} at {_CUDA_HOME}, torch CUDA {torch.version.cuda}"
+        why = (f"the CUDA toolkit {tk} at {_CUDA_HOME} does not match the major version of "
+               f"torch's CUDA {torch.version.cuda}; install a CUDA "
+               f"{torch.version.cuda.split('.')[0]}.x toolkit (or set CUDA_HOME)")
+        if not asked:
+            _log("WARNING: " + why + "; building the C++ (CPU) kernels only")
+        return cannot(why)
+    reason = f"{asked}=1" if asked else "a CUDA GPU is visible"
+    return True, f"{reason}; toolkit CUDA {tk} at {_CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
 def _cudart_link_dir(cuda_home: str) -> str | None:
@@ -192,9 +221,11 @@ def _extensions():
     cxx_flags = ["-O3", *omp_cflags]  # the C++ standard comes from cpp_extension (torch's)
     include_dirs = [os.path.join(ROOT, "csrc")]
 
+    global _VARIANT
     with_cuda, why = _cuda_decision()
     if with_cuda and not cu_sources:
         with_cuda, why = False, "no csrc/cuda/*.cu sources"
+    _VARIANT = "cuda" if with_cuda else "cpp"
     if with_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # cpp_extension turns it into -gencode flags
@@ -233,9 +264,29 @@ def _packages() -> list[str]:
     return sorted(pkgs + ["pyengine.kernels"] + [f"pyengine.kernels.{k}" for k in kernels])
 
 
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with a persistent object folder (incremental rebuilds) and ccache."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{_VARIANT}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+        self.build_temp = os.path.join(ROOT, "build", f"ext-{tag}")
+        os.makedirs(self.build_temp, exist_ok=True)
+
+    def build_extensions(self):
+        ccache = shutil.which("ccache")
+        if ccache and os.environ.get("PYENGINE_NO_CCACHE") != "1":
+            # ninja runs the compiler command line; put ccache in front of it
+            for attr in ("compiler_so", "compiler_cxx"):
+                cmd = getattr(self.compiler, attr, None)
+                if isinstance(cmd, list) and cmd and os.path.basename(cmd[0]) != "ccache":
+                    setattr(self.compiler, attr, [ccache, *cmd])
+        super().build_extensions()
+
+
 setup(
     packages=_packages(),
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
 )

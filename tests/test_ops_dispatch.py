@@ -163,13 +163,10 @@ def test_triton_custom_ops_pass_opcheck():
 
 def test_triton_flop_formula_matches_reference():
     pytest.importorskip("triton")
-    from torch.utils.flop_counter import FlopCounterMode
+    from pyengine.flop_count import count_flops
     q, k, v, s = _attn_inputs()
-    counts = []
-    for backend in ("triton", "torch"):
-        with FlopCounterMode(display=False) as fc:
-            ops.varlen_attention(q, k, v, QK, V, s, backend=backend)
-        counts.append(fc.get_total_flops())
+    counts = [count_flops(ops.varlen_attention, q, k, v, QK, V, s, backend=b)
+              for b in ("triton", "torch")]
     assert counts[0] == counts[1] == 2 * 2 * 11 * 11 * (7 + 5 + 16 + 16)
 
 

@@ -65,13 +65,10 @@ def test_masked_ffn_reference(keep):
 
 
 def test_varlen_attention_custom_op_flops_match_reference():
-    from torch.utils.flop_counter import FlopCounterMode
+    from pyengine.flop_count import count_flops
     qk_dims, v_dims = [0, 7, 16, 16], [3, 7, 16, 16]
     q, k = torch.randn(2, 11, sum(qk_dims)), torch.randn(2, 11, sum(qk_dims))
     v = torch.randn(2, 11, sum(v_dims))
-    counts = []
-    for f in (torch.ops.pyengine.varlen_attention, ops.varlen_attention_reference):
-        with FlopCounterMode(display=False) as fc:
-            f(q, k, v, qk_dims, v_dims, [0.3] * 4)
-        counts.append(fc.get_total_flops())
+    counts = [count_flops(f, q, k, v, qk_dims, v_dims, [0.3] * 4)
+              for f in (torch.ops.pyengine.varlen_attention, ops.varlen_attention_reference)]
     assert counts[0] == counts[1] == 2 * 2 * 11 * 11 * (7 + 7 + 16 + 16 + 16 + 16)

@@ -2,9 +2,9 @@
 heads per layer, and the cost model counts its real (padded) work."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import pyengine
+from pyengine.flop_count import count_flops
 from pyengine.padded import PaddedAttention, pad_heads, padded_spec, padded_widths
 from pyengine.spec import Spec, make_block
 
@@ -22,10 +22,6 @@ def _compact(spec_fn, dtype=torch.float64):
     return model, pyengine.compile(model).eval(), s
 
 
-def _flops(model, x):
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    return fc.get_total_flops()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,7 +49,7 @@ def test_padded_equals_compact(seed, multiple, same):
         assert blk.attn.qk_dim == min(64, -(-pqk // multiple) * multiple)
         assert blk.attn.v_dim == min(64, -(-pv // multiple) * multiple)
     # the cost model counts the padded shapes, and agrees with torch's flop counter
-    assert pyengine.cost(padded, batch=3).flops == _flops(padded, x)
+    assert pyengine.cost(padded, batch=3).flops == count_flops(padded, x)
     assert pyengine.cost(padded, batch=3).macs >= pyengine.cost(compact, batch=3).macs
     # the compact model is untouched by padding
     with torch.no_grad():
