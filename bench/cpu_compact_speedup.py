@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pyengine.demo import compact_vs_dense, format_table
+from pyengine.experiments.demo import compact_vs_dense, format_table
 
 
 def main():

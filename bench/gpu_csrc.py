@@ -34,7 +34,7 @@ import torch
 from pyengine.ops import _csrc, _ext
 from pyengine.ops.importance import importance_reduce_reference
 from pyengine.ops.masked_ffn import masked_ffn_reference
-from pyengine.atomic import write_text
+from pyengine.io.atomic import write_text
 from pyengine.ops.varlen_attention import varlen_attention_reference
 
 LOG: list[str] = []

@@ -213,9 +213,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     how = _import_pyengine()
-    from pyengine.bench import (Variants, bench, build_variants, format_report, parse_batches,
+    from pyengine.measure.bench import (Variants, bench, build_variants, format_report, parse_batches,
                                 set_attention_backend, write_json)
-    from pyengine.profile import format_profile, plot, profile
+    from pyengine.measure.roofline import format_profile, plot, profile
 
     t_start = time.perf_counter()
     dev = torch.device(a.device)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pyengine import ops
-from pyengine.atomic import write_text
+from pyengine.io.atomic import write_text
 
 LOG: list[str] = []
 

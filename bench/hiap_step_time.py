@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.hiap import HiAPLoss, TemperatureSchedule, gate_parameters
-from pyengine.timing import environment
-from pyengine.train import default_param_groups, kd_loss
+from pyengine.methods.hiap import HiAPLoss, TemperatureSchedule, gate_parameters
+from pyengine.measure.timing import environment
+from pyengine.train.trainer import default_param_groups, kd_loss
 
 
 def make_step(model, opt, loss_terms, teacher=None, kd_alpha=0.5, on_step=None):

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyengine.data import loaders
-from pyengine.limit import (HessianOperator, cache_batches, full_hessian, loss_spread, measure,
+from pyengine.train.data import loaders
+from pyengine.experiments.limit import (HessianOperator, cache_batches, full_hessian, loss_spread, measure,
                             predict, prunable_parameters, slq)
-from pyengine.limit.models import DigitsMLP
-from pyengine.limit.slq import Spectrum
-from pyengine.limit.threshold import gaussian_width, solve
+from pyengine.experiments.limit.models import DigitsMLP
+from pyengine.experiments.limit.slq import Spectrum
+from pyengine.experiments.limit.threshold import gaussian_width, solve
 
 HIDDEN = (32, 32)
 SAMPLES = 512
@@ -36,7 +36,7 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/cpu")
-    from pyengine.train import fit
+    from pyengine.train.trainer import fit
     train, val, n = loaders("digits", 8, 128, seed=0)
     model = DigitsMLP(8, HIDDEN, n)
     fit(model, train, val, epochs=60, lr=2e-3, weight_decay=0.0, progress=False)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyengine.data import loaders
-from pyengine.limit import (HessianOperator, cache_batches, digits_mlp, flat_fraction,
+from pyengine.train.data import loaders
+from pyengine.experiments.limit import (HessianOperator, cache_batches, digits_mlp, flat_fraction,
                             loss_spread, predict, prunable_parameters, slq)
-from pyengine.train import evaluate, fit
+from pyengine.train.trainer import evaluate, fit
 
 ITERS = (8, 16, 32, 64, 128)
 SEEDS = (0, 1, 2)

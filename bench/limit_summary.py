@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pyengine.limit.measured import contiguous_matching, largest_matching
-from pyengine.limit.threshold import gaussian_width, solve
+from pyengine.experiments.limit.measured import contiguous_matching, largest_matching
+from pyengine.experiments.limit.threshold import gaussian_width, solve
 
 TOLERANCES = (0.0, 0.5, 1.0, 2.0)  # accuracy points
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 import pyengine
-from pyengine import sss, zoo
-from pyengine.atomic import write_bytes, write_json, write_text
-from pyengine.data import loaders
-from pyengine.train import DIGITS_RECIPE, evaluate, fit, seed_everything
+from pyengine.methods import sss
+from pyengine.models import zoo
+from pyengine.io.atomic import write_bytes, write_json, write_text
+from pyengine.train.data import loaders
+from pyengine.train.trainer import DIGITS_RECIPE, evaluate, fit, seed_everything
 
 
 def main(argv=None) -> int:

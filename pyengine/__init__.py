@@ -7,14 +7,17 @@
     pyengine.save(compact, "out/"); compact = pyengine.load("out/")
     c = pyengine.cost(compact, batch=64, dtype=torch.bfloat16)
 """
-from . import ops, optim
-from .api import apply, compile, gate, is_compact, load, save, spec
-from .cost_model import Cost, Peaks, cost
-from .gated import UnsupportedModuleError
-from .gates import available_methods, register_gates
-from .spec import (Block, CnnGeometry, CnnSpec, ConvBlock, Geometry, Head, Spec, SpecError,
-                   make_conv_block)
-from .vit import create_model, geometry
+from pyengine import _aliases, ops
+from pyengine.api import apply, compile, gate, is_compact, load, save, spec
+from pyengine.cost import Cost, Peaks, cost
+from pyengine.methods import apg as optim
+from pyengine.models.vit.adapter import create_model, geometry
+from pyengine.models.vit.gated import UnsupportedModuleError
+from pyengine.structure.gates import available_methods, register_gates
+from pyengine.structure.spec import (Block, CnnGeometry, CnnSpec, ConvBlock, Geometry, Head, Spec,
+                                     SpecError, make_conv_block)
+
+_aliases.install()
 
 __version__ = "0.1.0"
 

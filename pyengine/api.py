@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import resnet
-from .atomic import write_bytes, write_json, write_text
-from .compact import CompactBlock, compact_block, fold_gates
-from .gated import GatedAttention, GatedMlp
-from .gates import gate_factory
-from .spec import Block, CnnSpec, Geometry, Head, Spec, SpecError
-from .vit import check_vit, create_model, dense_config, geometry, is_gated, model_name
+from pyengine.models.resnet import blocks as resnet
+from pyengine.io.atomic import write_bytes, write_json, write_text
+from pyengine.models.vit.compact import CompactBlock, compact_block, fold_gates
+from pyengine.models.vit.gated import GatedAttention, GatedMlp
+from pyengine.structure.gates import gate_factory
+from pyengine.structure.spec import Block, CnnSpec, Geometry, Head, Spec, SpecError
+from pyengine.models.vit.adapter import check_vit, create_model, dense_config, geometry, is_gated, model_name
 
 MODEL_FORMAT = "pyengine.model/1"
 WEIGHTS, SPEC, CONFIG = "model.safetensors", "spec.json", "config.json"
@@ -47,7 +47,7 @@ def gate(model: nn.Module, method: str = "mask", **gate_kwargs) -> nn.Module:
     new = []
     for i, blk in enumerate(model.blocks):
         if type(blk) is not TimmBlock:
-            from .gated import UnsupportedModuleError
+            from pyengine.models.vit.gated import UnsupportedModuleError
             raise UnsupportedModuleError(
                 f"blocks.{i} is {type(blk).__module__}.{type(blk).__name__}; pyengine gates "
                 "timm's pre-norm vision_transformer.Block")

@@ -2,7 +2,7 @@
 layers with no heads, FFNs with no neurons)."""
 import random
 
-from pyengine.spec import Spec, make_block
+from pyengine.structure.spec import Spec, make_block
 
 ODD_DIMS = (1, 7, 16, 40)
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import cost_model
-from pyengine.allocate import allocate
-from pyengine.importance import BlockScores
-from pyengine.spec import Geometry, Spec
+from pyengine.cost import model as cost_model
+from pyengine.structure.allocate import allocate
+from pyengine.methods.criteria import BlockScores
+from pyengine.structure.spec import Geometry, Spec
 
 G = Geometry(depth=3, embed_dim=24, num_heads=3, head_dim=8, mlp_hidden=40, num_tokens=17,
              num_patches=16, in_chans=3, patch_size=(4, 4), num_classes=5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from pyengine.optim import APG, soft_threshold
+from pyengine.methods.apg import APG, soft_threshold
 
 
 def _problem(seed, n=120, d=40, corr=0.8):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import pyengine
-from pyengine.flop_count import count_flops
-from pyengine.baselines import torch_pruning_model, uniform_spec, uniform_widths
-from pyengine.cost_model import total_macs
-from pyengine.spec import Spec
-from pyengine.synthetic import heterogeneous_spec
+from pyengine.cost.flop_count import count_flops
+from pyengine.measure.baselines import torch_pruning_model, uniform_spec, uniform_widths
+from pyengine.cost.model import total_macs
+from pyengine.structure.spec import Spec
+from pyengine.structure.synthetic import heterogeneous_spec
 
 tp = pytest.importorskip("torch_pruning")
 
@@ -80,7 +80,7 @@ def test_uniform_widths_and_spec():
 
 def test_uniform_attention_fallback_computes_timm_attention():
     # the path for an older timm whose Attention cannot run pruned head dims
-    from pyengine.baselines import _uniform_attention
+    from pyengine.measure.baselines import _uniform_attention
     model = torch_pruning_model(_dense(), 0.5)
     a = model.blocks[0].attn
     x = torch.randn(2, 17, a.qkv.in_features)

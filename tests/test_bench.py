@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyengine
-from pyengine import bench as B
+from pyengine.measure import bench as B
 from pyengine.cli import main
 
 NAME = "vit_tiny_patch16_224"
@@ -95,7 +95,7 @@ def test_bench_cli_report(tmp_path, capsys):
 
 def test_bench_saved_dir_and_missing_peer(tmp_path, monkeypatch):
     gated = pyengine.gate(pyengine.create_model(NAME, **KW))
-    from pyengine.synthetic import heterogeneous_spec
+    from pyengine.structure.synthetic import heterogeneous_spec
     s = heterogeneous_spec(pyengine.geometry(gated), 0.6, seed=2, model=NAME)
     pyengine.apply(gated, s)
     pyengine.save(pyengine.compile(gated), tmp_path / "m")

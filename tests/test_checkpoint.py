@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pyengine import checkpoint as ck
-from pyengine.data import EpochSampler, digits
-from pyengine.train import fit
-from pyengine.zoo import digits_vit
+from pyengine.train import checkpoint as ck
+from pyengine.train.data import EpochSampler, digits
+from pyengine.train.trainer import fit
+from pyengine.models.zoo import digits_vit
 
 
 def tiny_vit():
@@ -137,7 +137,7 @@ SCRIPT = textwrap.dedent("""
             os.kill(os.getpid(), 9)   # SIGKILL: no cleanup, no finally blocks
     import test_checkpoint
     torch.set_num_threads(1)
-    import pyengine.train as T
+    import pyengine.train.trainer as T
     real_fit = T.fit
     def fit(*a, on_step=None, **k):
         def hook(step, total):

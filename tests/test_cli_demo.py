@@ -7,8 +7,8 @@ import torch
 
 import pyengine
 from pyengine.cli import main
-from pyengine.cost_model import total_macs
-from pyengine.synthetic import heterogeneous_spec
+from pyengine.cost.model import total_macs
+from pyengine.structure.synthetic import heterogeneous_spec
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224"])
@@ -25,7 +25,7 @@ def test_heterogeneous_spec_hits_target(name, target):
 
 
 def test_synthetic_demo_report(tmp_path):
-    from pyengine.demo import run_synthetic
+    from pyengine.experiments.demo import run_synthetic
     r = run_synthetic(tmp_path, model_name="deit_tiny_patch16_224", batch=2, repeats=2)
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("macs_ratio", "speedup", "max_abs_diff", "device", "dense_ms", "compact_ms", "env"):

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import pyengine
-from pyengine.spec import Spec, make_block
+from pyengine.structure.spec import Spec, make_block
 
 from _specs import random_spec
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import pyengine
-from pyengine.flop_count import count_flops, math_attention, sdpa_math
-from pyengine.cost_model import PEAKS, Cost, Peaks, block_macs, cost, peaks_for, total_macs
-from pyengine.spec import Geometry, Spec, make_block
+from pyengine.cost.flop_count import count_flops, math_attention, sdpa_math
+from pyengine.cost.model import PEAKS, Cost, Peaks, block_macs, cost, peaks_for, total_macs
+from pyengine.structure.spec import Geometry, Spec, make_block
 
 timm = pytest.importorskip("timm")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pyengine.data import (DIGITS_MEAN, DIGITS_STD, Digits, EpochSampler, SeededDataset,
+from pyengine.train.data import (DIGITS_MEAN, DIGITS_STD, Digits, EpochSampler, SeededDataset,
                            ShardSampler, datasets, digits, image_folder, loaders, num_classes)
 
 

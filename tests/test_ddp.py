@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
-from pyengine.data import EpochSampler, ShardSampler, digits
-from pyengine.train import evaluate, fit
-from pyengine.zoo import digits_vit
+from pyengine.train.data import EpochSampler, ShardSampler, digits
+from pyengine.train.trainer import evaluate, fit
+from pyengine.models.zoo import digits_vit
 
 N, B, EPOCHS, SEED = 64, 8, 2, 5  # 64 samples, per-rank batch 8: 4 steps per epoch
 
@@ -36,9 +36,9 @@ WORKER = textwrap.dedent("""
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
-    from pyengine import distributed as dist
-    from pyengine.data import ShardSampler
-    from pyengine.train import fit, evaluate
+    from pyengine.train import distributed as dist
+    from pyengine.train.data import ShardSampler
+    from pyengine.train.trainer import fit, evaluate
     import test_ddp as T
     out = sys.argv[1]
     info = dist.init()  # torchrun's environment -> gloo process group on CPU

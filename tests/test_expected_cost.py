@@ -6,9 +6,9 @@ import timm
 import torch
 
 import pyengine
-from pyengine.cost_model import total_macs
-from pyengine.expected_cost import dense_macs, expected_macs, expected_total_macs
-from pyengine.hiap import hiap_gates
+from pyengine.cost.model import total_macs
+from pyengine.cost.expected import dense_macs, expected_macs, expected_total_macs
+from pyengine.methods.hiap import hiap_gates
 
 # (embed_dim, depth, heads, mlp_ratio): head dims 16, 7, 1 and 40
 GEOMS = [(64, 3, 4, 2.0), (21, 2, 3, 3.0), (5, 2, 5, 1.6), (80, 1, 2, 0.5)]

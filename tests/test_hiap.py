@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine.cost_model import total_macs
-from pyengine.expected_cost import dense_macs, expected_macs
-from pyengine.hiap import (HiAPGates, HiAPLoss, TemperatureSchedule, finalize, gate_parameters,
+from pyengine.cost.model import total_macs
+from pyengine.cost.expected import dense_macs, expected_macs
+from pyengine.methods.hiap import (HiAPGates, HiAPLoss, TemperatureSchedule, finalize, gate_parameters,
                            hiap_gates, logistic_noise)
-from pyengine.prune import project
-from pyengine.train import fit
+from pyengine.methods.pipeline import project
+from pyengine.train.trainer import fit
 
 
 def _vit(embed_dim=24, depth=2, heads=3, mlp_ratio=2.0, classes=4, **kw):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.importance import CRITERIA, calibrate, score
+from pyengine.methods.criteria import CRITERIA, calibrate, score
 
 
 def tiny_vit(embed_dim=6, num_heads=2, mlp_ratio=1.5, depth=1):
@@ -237,7 +237,7 @@ def tiny_resnet(block="basic"):
 
 def cnn_reference(model, batches, criterion):
     """Per-block channel and block scores by explicit loops over weights / feature elements."""
-    from pyengine.resnet import stages
+    from pyengine.models.resnet.blocks import stages
     blocks = [b for st in stages(model) for b in st]
     feats = {}
 

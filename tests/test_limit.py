@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyengine.limit import (HessianOperator, cache_batches, flat_fraction, full_hessian,
+from pyengine.experiments.limit import (HessianOperator, cache_batches, flat_fraction, full_hessian,
                             gaussian_width, loss_spread, predict, pruned_distance, slq)
-from pyengine.limit.models import DigitsMLP, digits_vit_small
-from pyengine.limit.slq import Spectrum, lanczos, lanczos_block, tridiagonal_quadrature
-from pyengine.limit.threshold import magnitude_order, solve
+from pyengine.experiments.limit.models import DigitsMLP, digits_vit_small
+from pyengine.experiments.limit.slq import Spectrum, lanczos, lanczos_block, tridiagonal_quadrature
+from pyengine.experiments.limit.threshold import magnitude_order, solve
 
 
 def _batches(sizes, img, n_cls=10, dtype=torch.float64):
@@ -156,7 +156,7 @@ def test_slq_block_equals_sequential():
 def test_slq_moments_match_eigvalsh_on_a_trained_model():
     """Acceptance: SLQ through Hessian-vector products of a small trained digits MLP against
     the eigenvalues of its full Hessian; the density moments agree within 5%."""
-    from pyengine.data import loaders
+    from pyengine.train.data import loaders
     torch.manual_seed(0)
     train, _, _ = loaders("digits", 8, 128, seed=0)
     model = DigitsMLP(img_size=8, hidden=(4,)).double()

@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine.limit import measure, measure_structured, prunable_parameters
-from pyengine.limit.measured import (contiguous_matching, largest_matching, removal_order,
+from pyengine.experiments.limit import measure, measure_structured, prunable_parameters
+from pyengine.experiments.limit.measured import (contiguous_matching, largest_matching, removal_order,
                                      removed_prefix, structured_units)
-from pyengine.limit.models import DigitsMLP, digits_vit_small
-from pyengine.train import evaluate
+from pyengine.experiments.limit.models import DigitsMLP, digits_vit_small
+from pyengine.train.trainer import evaluate
 
 
 def _loader(img, n=40, n_cls=10, seed=0):

@@ -163,7 +163,7 @@ def test_triton_custom_ops_pass_opcheck():
 
 def test_triton_flop_formula_matches_reference():
     pytest.importorskip("triton")
-    from pyengine.flop_count import count_flops
+    from pyengine.cost.flop_count import count_flops
     q, k, v, s = _attn_inputs()
     counts = [count_flops(ops.varlen_attention, q, k, v, QK, V, s, backend=b)
               for b in ("triton", "torch")]

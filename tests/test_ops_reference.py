@@ -65,7 +65,7 @@ def test_masked_ffn_reference(keep):
 
 
 def test_varlen_attention_custom_op_flops_match_reference():
-    from pyengine.flop_count import count_flops
+    from pyengine.cost.flop_count import count_flops
     qk_dims, v_dims = [0, 7, 16, 16], [3, 7, 16, 16]
     q, k = torch.randn(2, 11, sum(qk_dims)), torch.randn(2, 11, sum(qk_dims))
     v = torch.randn(2, 11, sum(v_dims))

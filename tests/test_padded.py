@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import pyengine
-from pyengine.flop_count import count_flops
-from pyengine.padded import PaddedAttention, pad_heads, padded_spec, padded_widths
-from pyengine.spec import Spec, make_block
+from pyengine.cost.flop_count import count_flops
+from pyengine.models.vit.padded import PaddedAttention, pad_heads, padded_spec, padded_widths
+from pyengine.structure.spec import Spec, make_block
 
 from _specs import random_spec
 

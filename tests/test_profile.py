@@ -9,7 +9,7 @@ from torch import nn
 
 import pyengine
 from pyengine.cli import main
-from pyengine.profile import layer_times, measure_peaks, profile
+from pyengine.measure.roofline import layer_times, measure_peaks, profile
 
 NAME = "vit_tiny_patch16_224"
 KW = {"depth": 2, "img_size": 32, "patch_size": 8}

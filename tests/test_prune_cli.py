@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 import pyengine
-from pyengine import prune as prune_lib
+from pyengine.methods import pipeline as prune_lib
 from pyengine.cli import build_parser, main
-from pyengine.cost_model import total_macs
+from pyengine.cost.model import total_macs
 
 TINY = ["--model", "digits_vit", "--model-kwargs", '{"embed_dim": 16, "depth": 2, "num_heads": 2}',
         "--img-size", "8", "--batch-size", "128", "--no-progress", "--seed", "1"]
@@ -42,8 +42,8 @@ def test_prune_end_to_end_writes_a_loadable_compact_model(tmp_path, capsys):
             assert len(h.qk) % 4 == 0 and len(h.v) % 4 == 0
         assert len(b.mlp) % 4 == 0
     # the saved model reproduces the reported accuracy
-    from pyengine.data import loaders
-    from pyengine.train import evaluate
+    from pyengine.train.data import loaders
+    from pyengine.train.trainer import evaluate
     _, val, _ = loaders("digits", 8, 128, seed=1)
     assert evaluate(compact, val) == pytest.approx(m["pruned_top1"])
     assert "pruned top-1" in capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_prune_end_to_end_writes_a_loadable_compact_model(tmp_path, capsys):
 
 
 def _dense(tmp_path):
-    from pyengine.zoo import digits_vit
+    from pyengine.models.zoo import digits_vit
     torch.manual_seed(0)
     return digits_vit(img_size=8, embed_dim=16, depth=2, num_heads=2)
 
@@ -77,15 +77,15 @@ def test_checkpoint_loads_into_the_timm_model(tmp_path, fmt):
     out = tmp_path / "o"
     args = list(TINY)
     if fmt == "pth":  # the same network by its timm name
-        from pyengine.zoo import DIGITS_VIT
+        from pyengine.models.zoo import DIGITS_VIT
         kw = {k: v for k, v in DIGITS_VIT.items() if k not in ("img_size", "num_classes")}
         kw.update(embed_dim=16, depth=2, num_heads=2)
         args[1:4] = ["vit_tiny_patch16_224", "--model-kwargs", json.dumps(kw)]
     assert main(["prune", *args, "--checkpoint", str(ckpt), "--epochs", "1", "--target", "0.6",
                  "--out", str(out), "--kd-alpha", "0"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    from pyengine.data import loaders
-    from pyengine.train import evaluate
+    from pyengine.train.data import loaders
+    from pyengine.train.trainer import evaluate
     _, val, _ = loaders("digits", 8, 128, seed=1)
     assert m["dense_top1"] == pytest.approx(evaluate(dense, val))
     assert abs(m["macs_ratio"] - 0.6) <= 0.018
@@ -113,13 +113,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
 
 
 def test_method_contract():
-    assert prune_lib.METHODS["hiap"] == "pyengine.hiap:prune_structure"
-    assert prune_lib.METHODS["sss"] == "pyengine.sss:prune_structure"
+    assert prune_lib.METHODS["hiap"] == "pyengine.methods.hiap:prune_structure"
+    assert prune_lib.METHODS["sss"] == "pyengine.methods.sss:prune_structure"
     for m in ("agf", "taylor", "wanda", "ria", "magnitude", "random"):
-        assert prune_lib.METHODS[m] == "pyengine.oneshot:prune_structure"
+        assert prune_lib.METHODS[m] == "pyengine.methods.oneshot:prune_structure"
     assert "hiap" in prune_lib.available()
-    import pyengine.hiap
-    assert prune_lib.method_function("hiap") is pyengine.hiap.prune_structure
+    import pyengine.methods.hiap
+    assert prune_lib.method_function("hiap") is pyengine.methods.hiap.prune_structure
     with pytest.raises(ValueError, match="unknown pruning method"):
         prune_lib.method_module("nope")
 

@@ -7,9 +7,9 @@ import timm
 import torch
 
 import pyengine
-from pyengine.flop_count import count_flops
-from pyengine import resnet
-from pyengine.spec import CnnSpec, Spec, SpecError, make_conv_block
+from pyengine.cost.flop_count import count_flops
+from pyengine.models.resnet import blocks as resnet
+from pyengine.structure.spec import CnnSpec, Spec, SpecError, make_conv_block
 
 IMG = 64
 

@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine import resnet, sss
-from pyengine.optim import APG
+from pyengine.models.resnet import blocks as resnet
+from pyengine.methods import sss
+from pyengine.methods.apg import APG
 
 from _specs import random_spec
 

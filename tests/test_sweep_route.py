@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine import cost_model
-from pyengine.oneshot import prune_structure
-from pyengine.route import cross_validate, pareto, pick, prior, route_curve
-from pyengine.spec import Spec
+from pyengine.cost import model as cost_model
+from pyengine.methods.oneshot import prune_structure
+from pyengine.experiments.route import cross_validate, pareto, pick, prior, route_curve
+from pyengine.structure.spec import Spec
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -92,8 +92,8 @@ def tiny_data(n=48):
 
 # ---- sweep -----------------------------------------------------------------------------------
 def test_sweep_rows_budget_and_plot(tmp_path):
-    from pyengine.commands.sweep import claim
-    from pyengine.sweep import plot, sweep
+    from pyengine.cli.commands.sweep import claim
+    from pyengine.experiments.sweep import plot, sweep
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     val = DataLoader(tiny_data(20), batch_size=8)
@@ -119,7 +119,7 @@ def test_sweep_rows_budget_and_plot(tmp_path):
 
 
 def test_sweep_resnet():
-    from pyengine.sweep import sweep
+    from pyengine.experiments.sweep import sweep
     val = DataLoader(tiny_data(16), batch_size=8)
     r = sweep(tiny_resnet(), tiny_data(16), val, ["taylor", "magnitude"], (0.0, 0.2),
               seeds=(0,), calib_batches=1, batch_size=8, progress=False, log=lambda s: None)
@@ -128,7 +128,7 @@ def test_sweep_resnet():
 
 
 def test_sweep_errors():
-    from pyengine.sweep import sweep
+    from pyengine.experiments.sweep import sweep
     val = DataLoader(tiny_data(8), batch_size=8)
     with pytest.raises(ValueError, match="unknown criterion 'l1'"):
         sweep(tiny_vit(), tiny_data(8), val, ["l1"], progress=False)
@@ -170,7 +170,7 @@ def test_prune_structure_plugin_resnet_and_flags():
     assert all(len(b.kept("conv1")) % 4 == 0 for b in s.blocks)
     assert any(len(b.kept("conv1")) < c for b, (c,) in zip(s.blocks, s.dense.inner))
     assert pyengine.cost(s).macs <= 0.8 * pyengine.cost(pyengine.api.spec(tiny_resnet())).macs
-    from pyengine.oneshot import add_arguments
+    from pyengine.methods.oneshot import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--calib-batches", "3", "--allocation", "uniform", "--granularity", "head"])
@@ -180,7 +180,7 @@ def test_prune_structure_plugin_resnet_and_flags():
 # ---- the commands, with the dense trainer replaced by tiny models --------------------------
 @pytest.fixture
 def tiny_dense(monkeypatch):
-    import pyengine.sweep as sw
+    import pyengine.experiments.sweep as sw
     monkeypatch.setattr(sw, "trained_dense", lambda arch, *a, **k: (
         (tiny_vit() if arch == "vit" else tiny_resnet()).eval(),
         {"arch": arch, "recipe": "tiny test model", "history": [{"epoch": 0}]}))

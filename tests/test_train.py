@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from pyengine.data import EpochSampler, digits
-from pyengine.train import (DIGITS_RECIPE, default_param_groups, evaluate, fit, kd_loss,
+from pyengine.train.data import EpochSampler, digits
+from pyengine.train.trainer import (DIGITS_RECIPE, default_param_groups, evaluate, fit, kd_loss,
                             lr_factor, make_optimizer, seed_everything, train_digits)
-from pyengine.zoo import digits_vit
+from pyengine.models.zoo import digits_vit
 
 
 def tiny_vit(**kw):
@@ -194,7 +194,7 @@ def test_train_digits_runs_the_recipe_plumbing():
 
 
 def test_recipe_runner_writes_result_json(tmp_path):
-    from pyengine.train import main
+    from pyengine.train.trainer import main
     out = tmp_path / "r" / "digits_recipe.json"
     assert main(["--out", str(out), "--threads", "1", "--recipe", '{"epochs": 1}',
                  "--model", '{"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}']) == 0

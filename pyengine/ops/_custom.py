@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 @torch.library.custom_op("pyengine::varlen_attention_triton", mutates_args=())
 def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, qk_dims: list[int],
                             v_dims: list[int], scales: list[float]) -> tuple[Tensor, Tensor]:
-    from ..kernels import varlen_attention as K
+    from pyengine.kernels import varlen_attention as K
     return K.forward(q, k, v, qk_dims, v_dims, scales)
 
 
@@ -43,7 +43,7 @@ def _(q, k, v, qk_dims, v_dims, scales):
 def varlen_attention_triton_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                 lse: Tensor, qk_dims: list[int], v_dims: list[int],
                                 scales: list[float]) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels import varlen_attention as K
+    from pyengine.kernels import varlen_attention as K
     return K.backward(do, q, k, v, out, lse, qk_dims, v_dims, scales)
 
 
@@ -88,7 +88,7 @@ def _attn_flops(q_shape, k_shape, v_shape, qk_dims, v_dims, scales, *args, out_s
 def masked_ffn_triton(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                       b2: Optional[Tensor], keep: Tensor, gate: Optional[Tensor],
                       act: str) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels import masked_ffn as K
+    from pyengine.kernels import masked_ffn as K
     return K.forward(x, w1, b1, w2, b2, keep, gate, act)
 
 
@@ -103,7 +103,7 @@ def _(x, w1, b1, w2, b2, keep, gate, act):
 def masked_ffn_triton_bwd(gy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, keep: Tensor,
                           gate: Optional[Tensor], z: Tensor, h: Tensor, act: str, has_b1: bool,
                           has_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import masked_ffn as K
+    from pyengine.kernels import masked_ffn as K
     dx, dw1, db1, dw2, db2, dgate = K.backward(gy, x, w1, w2, keep, gate, z, h, act, has_b1,
                                                has_b2)
     # custom ops cannot return None: an empty tensor stands for "no such input" (fresh each:
@@ -145,7 +145,7 @@ masked_ffn_triton.register_autograd(_ffn_backward, setup_context=_ffn_setup)
 
 @torch.library.custom_op("pyengine::importance_reduce_many_triton", mutates_args=())
 def importance_reduce_many_triton(xs: list[Tensor], gs: list[Optional[Tensor]]) -> list[Tensor]:
-    from ..kernels import importance as K
+    from pyengine.kernels import importance as K
     # the kernel writes one packed buffer; outputs of a custom op must not alias each other
     return [t.clone() for t in K.importance_reduce_many(list(xs), list(gs))]
 

@@ -1,1 +1,0 @@
-"""Subcommands of the pyengine CLI, one module each: ``add_arguments(parser)`` and ``run(args) -> int``."""

@@ -1,0 +1,48 @@
+"""Small digits models for the pruning-limit experiments (the Hessian must stay affordable)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class DigitsMLP(nn.Module):
+    """A ReLU MLP over one channel of the digits image (the loaders repeat the grey image
+    over 3 channels; reading one avoids three copies of every input weight)."""
+
+    def __init__(self, img_size: int = 8, hidden: Sequence[int] = (128, 128),
+                 num_classes: int = 10):
+        super().__init__()
+        if img_size < 1 or any(h < 1 for h in hidden) or num_classes < 2:
+            raise ValueError(f"DigitsMLP: bad sizes img_size={img_size}, hidden={list(hidden)}, "
+                             f"num_classes={num_classes}")
+        self.img_size = img_size
+        dims = [img_size * img_size, *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x[:, 0]
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def digits_mlp(img_size: int = 8, hidden: Sequence[int] = (128, 128),
+               num_classes: int = 10) -> DigitsMLP:
+    return DigitsMLP(img_size, hidden, num_classes)
+
+
+DIGITS_VIT_SMALL = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                        mlp_ratio=4.0, num_classes=10)
+
+
+def digits_vit_small(**overrides) -> nn.Module:
+    """A 2-block timm ViT (2 heads of 32 dims, FFN 256) over 4x4 patches of 16x16 digits:
+    ~100k weights, so 64 Lanczos steps over the training set take minutes on one core."""
+    from pyengine.models.vit.adapter import create_model
+    return create_model("vit_tiny_patch16_224", **{**DIGITS_VIT_SMALL, **overrides})

@@ -1,0 +1,1 @@
+"""Files: atomic writes (bytes, text, JSON, figures) and model directories."""

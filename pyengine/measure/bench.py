@@ -1,0 +1,483 @@
+"""End-to-end latency: dense timm, our compact model, the padded-heads model and a
+Torch-Pruning model of the same MACs, timed by one harness.
+
+    models = build_variants("deit_small_patch16_224", target=0.5)
+    report = bench(models, batches=(1, 8, 64, 256), dtype="bf16", device="cuda", graphs=True)
+    write_json(report, "bench.json"); print(format_report(report))
+
+On CUDA every sample is a pair of CUDA events around one or more calls (a captured CUDA
+graph's replay with ``graphs=True``, else eager forward); on the CPU a ``perf_counter`` pair.
+Each variant gets warm-up calls first, then samples are taken round-robin over the variants
+(a few samples of each, in turn) so drift of clocks and other load hits all of them alike.
+Reported: median and interquartile range of the per-call time, images/s, MACs from
+:func:`pyengine.cost`, speedup over dense and speedup x (variant MACs / dense MACs): 1.0
+means the MAC reduction was fully realised as speed.
+
+The report (``bench()``, ``pyengine bench --json``)::
+
+    {"env": {"gpu", "driver", "torch", "triton", "cuda", "cpu", "timm", "torch_pruning", ...},
+     "config": {...}, "checks": {"padded_vs_compact_rel_diff"}, "skipped": [{variant, reason}],
+     "results": [{"variant": "dense"|"compact"|"padded"|"torch-pruning", "model", "batch",
+                  "dtype", "median_ms", "iqr_ms", "min_ms", "mean_ms", "repeats", "inner",
+                  "macs" (whole batch), "macs_per_image", "params", "images_per_s", "mode",
+                  "graphs", "compile", "device", "input_shape", "macs_ratio", "speedup",
+                  "speedup_per_mac_reduction" (the last three when dense was timed)}, ...]}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from pyengine.io.atomic import write_json  # noqa: F401 - part of this module's API
+
+VARIANTS = ("dense", "compact", "padded", "torch-pruning")
+DEFAULT_COMPARE = ("dense", "padded", "torch-pruning")
+
+
+# --------------------------------------------------------------------------------------
+# Parsing helpers shared by the commands
+# --------------------------------------------------------------------------------------
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    from pyengine.cost.model import _as_dtype
+    return _as_dtype(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_batches(text: str | Iterable[int]) -> list[int]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for b in items:
+        try:
+            v = int(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"batch sizes must be positive integers, got {b!r}") from None
+        if v < 1:
+            raise ValueError(f"batch sizes must be positive integers, got {v}")
+        out.append(v)
+    if not out:
+        raise ValueError("give at least one batch size")
+    return out
+
+
+def parse_compare(text: str | Iterable[str]) -> list[str]:
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
+    items = [s for s in items if s]
+    for s in items:
+        if s not in VARIANTS:
+            raise ValueError(f"unknown variant {s!r} in --compare; choose from {VARIANTS}")
+    return items
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    return dev
+
+
+# --------------------------------------------------------------------------------------
+# The models
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Variants:
+    """The models to time, by variant name, plus what could not be built and why."""
+
+    model: str                                   # the dense timm architecture
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    img_size: tuple[int, int, int] = (3, 224, 224)
+
+
+def _image_shape(model: nn.Module) -> tuple[int, int, int]:
+    pe = model.patch_embed
+    return (pe.proj.in_channels, *pe.img_size)
+
+
+def load_models(model: str, spec: str | None = None, target: float | None = None,
+                seed: int = 0, model_kwargs: dict | None = None
+                ) -> tuple[str, nn.Module, nn.Module | None]:
+    """(architecture, dense, compact or None) from a timm name or a ``pyengine.save`` DIR.
+
+    A DIR gives the compact model and names its dense architecture (rebuilt with random
+    weights: timing does not depend on them). A name gives the dense model; ``spec`` (a
+    spec.json) or ``target`` (a MAC fraction: a random heterogeneous structure from
+    :func:`pyengine.synthetic.heterogeneous_spec`) builds the compact one.
+    """
+    from pyengine import api
+    from pyengine.structure.synthetic import heterogeneous_spec
+    from pyengine.models.vit.adapter import create_model, geometry
+
+    path = Path(model)
+    if path.is_dir():
+        if spec is not None or target is not None:
+            raise ValueError(f"{model} is a saved compact model; --spec/--target apply only to "
+                             "a timm model name")
+        if model_kwargs:
+            raise ValueError("--model-kwargs applies only to a timm model name; a saved model "
+                             "rebuilds from its own config.json")
+        compact = api.load(path).eval()
+        cfg = json.loads((path / api.CONFIG).read_text())
+        dense = create_model(cfg["architecture"], **cfg["kwargs"]).eval()
+        return cfg["architecture"], dense, compact
+    if os.sep in model or path.suffix in (".json", ".safetensors"):
+        raise FileNotFoundError(f"{model} is neither a directory nor a timm model name")
+    try:
+        dense = create_model(model, **(model_kwargs or {})).eval()
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"{model!r} is neither a pyengine.save directory nor a timm model "
+                             "name") from None
+        raise
+    name = model.split(".")[0]
+    if spec is None and target is None:
+        return name, dense, None
+    if spec is not None and target is not None:
+        raise ValueError("give --spec or --target, not both")
+    gated = api.gate(copy.deepcopy(dense))
+    if spec is not None:
+        from pyengine.structure.spec import Spec
+        s = Spec.load(spec)
+    else:
+        s = heterogeneous_spec(geometry(gated), float(target), seed=seed, model=name)
+    api.apply(gated, s)
+    return name, dense, api.compile(gated).eval()
+
+
+def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
+                   spec: str | None = None, target: float | None = None, seed: int = 0,
+                   model_kwargs: dict | None = None, multiple: int = 8,
+                   show: Callable[[str], None] = lambda s: None) -> Variants:
+    """Build every variant named in ``compare`` (plus ``compact`` whenever there is one).
+
+    ``padded`` and ``torch-pruning`` need the compact model (its structure and its MACs);
+    a variant that cannot be built here (Torch-Pruning not installed) is recorded in
+    ``skipped`` with the reason instead of failing the whole bench.
+    """
+    from pyengine.measure.baselines import torch_pruning_available, torch_pruning_model
+    from pyengine.cost.model import cost
+    from pyengine.models.vit.padded import pad_heads
+
+    compare = parse_compare(compare)
+    name, dense, compact = load_models(model, spec, target, seed, model_kwargs)
+    v = Variants(model=name, img_size=_image_shape(dense))
+    needs_compact = [c for c in compare if c in ("compact", "padded", "torch-pruning")]
+    if compact is None and needs_compact:
+        raise ValueError(f"variants {needs_compact} need a pruned model: give --target FRACTION "
+                         "or --spec FILE with a timm name, or a pyengine.save DIR as --model")
+    if "dense" in compare:
+        v.models["dense"] = dense
+    if compact is not None:
+        v.models["compact"] = compact
+        s = compact.pyengine_spec
+        v.info["spec_shapes"] = [{"heads": [[len(h.qk), len(h.v)] for h in b.heads],
+                                  "mlp": len(b.mlp)} for b in s.blocks]
+        v.info["compact_macs_ratio"] = cost(compact).macs / cost(dense).macs
+        v.info["spec_meta"] = dict(s.meta)  # e.g. how a synthetic structure was made (seed)
+    if "padded" in compare:
+        show("building padded-heads model")
+        v.models["padded"] = pad_heads(compact, multiple=1)
+    if "torch-pruning" in compare:
+        ok, why = torch_pruning_available()
+        if not ok:
+            v.skipped["torch-pruning"] = why
+        else:
+            show("building Torch-Pruning model")
+            try:
+                peer = torch_pruning_model(dense, v.info["compact_macs_ratio"], multiple=multiple)
+                v.models["torch-pruning"] = peer
+                v.info["torch_pruning"] = dict(peer.pyengine_baseline)
+            except Exception as e:  # a peer's failure is a result, not a crash of ours
+                v.skipped["torch-pruning"] = f"Torch-Pruning failed: {type(e).__name__}: {e}"
+    # keep the bench's order stable: dense, compact, padded, torch-pruning
+    v.models = {k: v.models[k] for k in VARIANTS if k in v.models}
+    return v
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> int:
+    """Run the compact attention layers of ``model`` on ``backend`` ("auto", "torch",
+    "triton", "cuda", "cpu"; see :func:`pyengine.ops.varlen_attention`); returns how many."""
+    from pyengine.models.vit.compact import CompactAttention
+    from pyengine.ops.varlen_attention import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CompactAttention):
+            m.backend = backend
+            n += 1
+    return n
+
+
+def attention_backend(model: nn.Module) -> str | None:
+    from pyengine.models.vit.compact import CompactAttention
+    return next((m.backend for m in model.modules() if isinstance(m, CompactAttention)), None)
+
+
+@torch.no_grad()
+def check_outputs(v: Variants, device: torch.device, batch: int = 2) -> dict[str, float]:
+    """Relative output differences in float32 on ``device``: padded vs compact must be ~0
+    (same function); others are reported for information only (different models)."""
+    out: dict[str, float] = {}
+    if "compact" not in v.models or "padded" not in v.models:
+        return out
+    x = torch.randn(batch, *v.img_size, device=device)
+    a = v.models["compact"].to(device=device, dtype=torch.float32)(x)
+    b = v.models["padded"].to(device=device, dtype=torch.float32)(x)
+    out["padded_vs_compact_rel_diff"] = float((a - b).norm() / a.norm().clamp_min(1e-30))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The timing harness
+# --------------------------------------------------------------------------------------
+
+def summarize(times_ms: Sequence[float]) -> dict[str, float]:
+    """Median, interquartile range (inclusive quartiles), min, mean and count."""
+    t = list(times_ms)
+    if not t:
+        raise ValueError("no samples to summarize")
+    q = statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3
+    return {"median_ms": statistics.median(t), "iqr_ms": max(0.0, q[2] - q[0]),
+            "min_ms": min(t), "mean_ms": statistics.fmean(t), "repeats": len(t)}
+
+
+class _Runner:
+    """One variant at one batch, ready to be called: eager, compiled and/or graph-captured."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, graphs: bool, compiled: bool):
+        self.device = x.device
+        self.x = x
+        fn = torch.compile(model, dynamic=False) if compiled else model
+        self.fn = fn
+        self.graph = None
+        if graphs:
+            if x.device.type != "cuda":
+                raise ValueError("CUDA graphs need --device cuda")
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), torch.inference_mode():
+                for _ in range(3):  # warm-up outside the capture (allocator, autotuning)
+                    fn(x)
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(self.graph):
+                self.out = fn(x)
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn(self.x)
+
+
+def _sample(run: Callable[[], None], device: torch.device, inner: int) -> float:
+    """Milliseconds per call over ``inner`` back-to-back calls."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        run()
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def time_callables(fns: dict[str, Callable[[], None]], device: torch.device,
+                   warmup: int = 10, repeats: int = 50, rounds: int = 5,
+                   min_sample_ms: float = 0.0) -> dict[str, dict[str, float]]:
+    """Time zero-argument callables: ``warmup`` calls each, then ``repeats`` samples each
+    taken in ``rounds`` round-robin passes. A sample covers ``inner`` calls, enough for
+    ``min_sample_ms`` (1 when 0), so very short calls are not lost in timer resolution."""
+    if repeats < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, rounds >= 1, warmup >= 0; got {repeats}, "
+                         f"{rounds}, {warmup}")
+    inner: dict[str, int] = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            t = _sample(fn, device, 1)
+            inner[name] = max(1, math.ceil(min_sample_ms / t)) if min_sample_ms > 0 and t > 0 \
+                else 1
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        rounds = min(rounds, repeats)
+        per = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+        for n in per:
+            for name, fn in fns.items():
+                for _ in range(n):
+                    times[name].append(_sample(fn, device, inner[name]))
+    out = {k: summarize(v) for k, v in times.items()}
+    for k in out:
+        out[k]["inner"] = inner[k]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------
+
+def _driver_version() -> str | None:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        return None
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a result was measured on: always the keys gpu, driver, torch, triton, cuda
+    (None where not applicable), plus cpu, threads, python, timm, torch_pruning."""
+    from pyengine.measure.baselines import torch_pruning_available
+    from pyengine.measure.timing import environment as base_env
+
+    env: dict[str, Any] = {"gpu": None, "driver": None, "torch": torch.__version__,
+                           "triton": None, "cuda": torch.version.cuda}
+    env.update(base_env())
+    dev = torch.device(device)
+    env["device"] = str(dev)
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env["gpu"] = p.name
+        env["gpu_sms"] = p.multi_processor_count
+        env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["compute_capability"] = f"{p.major}.{p.minor}"
+        env["driver"] = _driver_version()
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["gpu"] = None
+    ok, ver = torch_pruning_available()
+    env["torch_pruning"] = ver if ok else None
+    try:  # other load on the machine while measuring (a shared CPU makes timings noisy)
+        env["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        pass
+    env["cpu_count"] = os.cpu_count()
+    return env
+
+
+# --------------------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------------------
+
+def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16",
+          device: str | torch.device | None = None, graphs: bool = False, compiled: bool = False,
+          warmup: int = 10, repeats: int = 50, rounds: int = 5, min_sample_ms: float = 0.0,
+          show: Callable[[str], None] = print, deadline: float | None = None
+          ) -> dict[str, Any]:
+    """Time every model of ``v`` at every batch size; returns ``{"env", "config", "checks",
+    "skipped", "results"}`` (see the module docstring for the fields of each result).
+
+    ``deadline``: a ``time.perf_counter()`` value; batches not started by then are skipped
+    and listed in ``config["skipped_batches"]`` (keeps a scripted run inside its time limit).
+    """
+    from pyengine.cost.model import cost
+
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype)
+    if graphs and dev.type != "cuda":
+        raise ValueError("--graphs needs --device cuda (CUDA graphs)")
+    batches = parse_batches(batches)
+    mode = ("compile+graphs" if graphs else "compile") if compiled else \
+        ("graphs" if graphs else "eager")
+    checks = check_outputs(v, dev)
+    models = {k: m.to(device=dev, dtype=dt).eval() for k, m in v.models.items()}
+    macs1 = {k: cost(m).macs for k, m in models.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    results: list[dict[str, Any]] = []
+    late: list[int] = []
+    for b in batches:
+        if deadline is not None and time.perf_counter() > deadline:
+            late.append(b)
+            show(f"batch {b}: skipped, past the deadline")
+            continue
+        show(f"batch {b}: preparing {', '.join(models)} ({mode})")
+        x = torch.randn(b, *v.img_size, device=dev, dtype=dt)
+        runners = {k: _Runner(m, x, graphs, compiled) for k, m in models.items()}
+        stats = time_callables(runners, dev, warmup, repeats, rounds, min_sample_ms)
+        del runners
+        base = stats.get("dense")
+        for k, st in stats.items():
+            macs = cost(models[k], batch=b).macs
+            r = {"variant": k, "model": v.model, "batch": b, "dtype": dtype_name(dt),
+                 **st, "macs": macs, "macs_per_image": macs1[k], "params": params[k],
+                 "images_per_s": b / st["median_ms"] * 1e3, "mode": mode, "graphs": graphs,
+                 "compile": compiled, "device": str(dev), "input_shape": [b, *v.img_size]}
+            if k == "compact":
+                r["attention_backend"] = attention_backend(models[k])
+            if base is not None:
+                r["macs_ratio"] = macs1[k] / macs1["dense"]
+                r["speedup"] = base["median_ms"] / st["median_ms"]
+                r["speedup_per_mac_reduction"] = r["speedup"] * r["macs_ratio"]
+            results.append(r)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"env": environment(dev),
+            "config": {"model": v.model, "batches": batches, "dtype": dtype_name(dt),
+                       "device": str(dev), "mode": mode, "warmup": warmup,
+                       "repeats": repeats, "rounds": rounds, "min_sample_ms": min_sample_ms,
+                       "variants": list(models), "skipped_batches": late, **v.info},
+            "checks": checks,
+            "skipped": [{"variant": k, "reason": r} for k, r in v.skipped.items()],
+            "results": results}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One table per batch: latency, images/s, GMACs, speedup and speedup x MAC ratio."""
+    res = report["results"]
+    lines = [f"{report['config']['model']}  {report['config']['dtype']}  "
+             f"{report['config']['device']}  mode={report['config']['mode']}  "
+             f"({report['env'].get('gpu') or report['env'].get('cpu')})"]
+    hdr = (f"{'batch':>5} {'variant':<14} {'median ms':>10} {'IQR ms':>8} {'images/s':>10} "
+           f"{'GMACs/img':>10} {'speedup':>8} {'x MACs':>7}")
+    lines += [hdr, "-" * len(hdr)]
+    for r in res:
+        sp = f"{r['speedup']:.2f}" if "speedup" in r else "-"
+        eff = f"{r['speedup_per_mac_reduction']:.2f}" if "speedup" in r else "-"
+        lines.append(f"{r['batch']:>5} {r['variant']:<14} {r['median_ms']:>10.3f} "
+                     f"{r['iqr_ms']:>8.3f} {r['images_per_s']:>10.1f} "
+                     f"{r['macs_per_image'] / 1e9:>10.3f} {sp:>8} {eff:>7}")
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {s['variant']}: {s['reason']}")
+    for k, val in report.get("checks", {}).items():
+        lines.append(f"check {k}: {val:.2e}")
+    return "\n".join(lines)
+
+
+__all__ = ["VARIANTS", "Variants", "load_models", "build_variants", "check_outputs",
+           "summarize", "time_callables", "set_attention_backend", "attention_backend",
+           "environment", "bench", "format_report", "write_json",
+           "parse_batches", "parse_compare", "parse_dtype", "resolve_device"]

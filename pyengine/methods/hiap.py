@@ -1,0 +1,342 @@
+"""HiAP: hierarchical Gumbel-Sigmoid gates learned against an expected-MAC budget.
+
+Every gate slot (attention ``block``, ``head`` [H], ``qk`` [H, Dh], ``v`` [H, Dh]; FFN
+``block``, ``neuron`` [M]) gets a logit ``alpha``. In training a gate is sampled
+
+    z = sigmoid((alpha + eps) / tau),  eps ~ Logistic(0, 1),  hard = 1[z > 0.5]
+
+and the forward uses ``hard`` while the backward goes through ``z`` (straight-through). The
+hard sample is 1 with probability ``sigmoid(alpha)`` whatever ``tau`` is, so the expected cost
+of the sampled structure is a function of ``sigmoid(alpha)`` alone (see
+:mod:`pyengine.expected_cost`); ``tau`` only shapes the gradient and is annealed
+exponentially (2.0 -> 0.5 by default) by :class:`TemperatureSchedule`. In eval and at export
+the gates are deterministic: ``sigmoid(alpha) > 0.5``. Macro (block, head) and micro (q/k dim,
+v dim, neuron) gates multiply, so a head's effective gate is macro * micro, with the hard
+semantics of :func:`pyengine.gates._consistent` in training, eval and :func:`pyengine.spec`.
+
+    pyengine.gate(model, method="hiap")
+    loss = HiAPLoss(target=0.5)                        # extra_loss for pyengine.train.fit
+    fit(model, ..., extra_loss=loss, on_step=TemperatureSchedule(model), teacher=dense)
+    finalize(model, target=0.5)                        # hard structure within +-3% of target
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from pyengine.structure.gates import Gates, _consistent, register_gates
+
+__all__ = ["HiAPGates", "TemperatureSchedule", "HiAPLoss", "hiap_gates", "gate_parameters",
+           "finalize", "prune_structure", "add_arguments", "logistic_noise"]
+
+MACRO = ("block", "head")
+
+
+def logistic_noise(shape, device=None, dtype=torch.float32,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """eps = log(u) - log(1 - u), u ~ U(0, 1): P(alpha + eps > 0) = sigmoid(alpha)."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    u = u.clamp(torch.finfo(dtype).tiny, 1.0 - torch.finfo(dtype).eps)
+    return torch.log(u) - torch.log1p(-u)
+
+
+@register_gates("hiap")
+class HiAPGates(Gates):
+    """Learned gates: logits per slot (``self.logits[slot]``), Gumbel-Sigmoid straight-through
+    samples in training, ``sigmoid(alpha) > 0.5`` in eval. :meth:`set_hard` (what
+    ``pyengine.apply`` calls) fixes a structure; :meth:`release` returns to learning."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], init: float = 3.0,
+                 tau: float = 2.0):
+        super().__init__(shapes)
+        if not math.isfinite(init):
+            raise ValueError(f"hiap gate init logit must be finite, got {init!r}")
+        if not tau > 0:
+            raise ValueError(f"hiap temperature must be > 0, got {tau!r}")
+        self.logits = nn.ParameterDict(
+            {k: nn.Parameter(torch.full(v, float(init))) for k, v in self.shapes.items()})
+        self.tau = float(tau)
+        for k, v in self.shapes.items():
+            self.register_buffer(f"fixed_{k}", torch.ones(v))
+        # a 0-dim bool buffer, so a fixed structure survives state_dict / checkpoints, and a
+        # python mirror read in the forward (no device sync per call on a GPU)
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._frozen = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = bool(self.frozen)
+
+    # ---- probabilities and samples ------------------------------------------------------
+    def probs(self) -> dict[str, torch.Tensor]:
+        """Keep probabilities ``sigmoid(alpha)`` per slot (raw, before consistency)."""
+        return {k: torch.sigmoid(a) for k, a in self.logits.items()}
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """Straight-through Gumbel-Sigmoid: values exactly 0/1, gradient of the soft sample."""
+        out = {}
+        for k, a in self.logits.items():
+            z = torch.sigmoid((a + logistic_noise(a.shape, a.device, a.dtype)) / self.tau)
+            hard = (z > 0.5).to(z.dtype)
+            out[k] = hard + (z - z.detach())
+        return out
+
+    def _fixed(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, f"fixed_{k}") for k in self.shapes}
+
+    def _deterministic(self) -> dict[str, torch.Tensor]:
+        return {k: (a > 0).to(a.dtype) for k, a in self.logits.items()}
+
+    def values(self) -> dict[str, torch.Tensor]:
+        if self._frozen:
+            return _consistent(self._fixed())
+        if self.training:
+            return _consistent(self.sample())
+        return _consistent(self._deterministic())
+
+    def hard(self) -> dict[str, torch.Tensor]:
+        raw = self._fixed() if self._frozen else self._deterministic()
+        return {k: v.detach() != 0 for k, v in _consistent(raw).items()}
+
+    @torch.no_grad()
+    def set_hard(self, masks: Mapping[str, torch.Tensor]) -> None:
+        for name, m in masks.items():
+            if name not in self.shapes:
+                raise ValueError(f"unknown gate slot {name!r}; slots: {sorted(self.shapes)}")
+            buf = getattr(self, f"fixed_{name}")
+            if tuple(m.shape) != tuple(buf.shape):
+                raise ValueError(f"gate slot {name!r}: mask shape {tuple(m.shape)} != "
+                                 f"{tuple(buf.shape)}")
+            buf.copy_(m.to(buf.dtype))
+        self.frozen.fill_(True)
+        self._frozen = True
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Back to learned gates (the logits decide again)."""
+        self.frozen.fill_(False)
+        self._frozen = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau:.3g}"
+
+
+def hiap_gates(model: nn.Module) -> list[tuple[HiAPGates, HiAPGates]]:
+    """``[(attention gates, FFN gates)]`` per block of a model gated with ``method="hiap"``."""
+    out = []
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        a, m = getattr(blk.attn, "gates", None), getattr(blk.mlp, "gates", None)
+        if not isinstance(a, HiAPGates) or not isinstance(m, HiAPGates):
+            raise ValueError(f"blocks.{i} is not gated with HiAP gates; call "
+                             "pyengine.gate(model, method='hiap') first")
+        out.append((a, m))
+    if not out:
+        raise ValueError("model has no gated blocks; call pyengine.gate(model, method='hiap')")
+    return out
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The gate logits of ``model`` (their own optimizer group: higher lr, no weight decay)."""
+    return [p for a, m in hiap_gates(model) for g in (a, m) for p in g.logits.values()]
+
+
+class TemperatureSchedule:
+    """Exponential annealing ``tau(s) = start * (end / start) ** (s / (total - 1))``.
+
+    Call it as fit's ``on_step(step, total)``: it sets the temperature of every HiAP gate of
+    ``model`` (``model`` may be None to use it only as a function of the step)."""
+
+    def __init__(self, model: nn.Module | None = None, start: float = 2.0, end: float = 0.5):
+        if not (start > 0 and end > 0):
+            raise ValueError(f"temperatures must be > 0, got start={start!r}, end={end!r}")
+        self.model, self.start, self.end = model, float(start), float(end)
+        self.tau = self.start
+
+    def value(self, step: int, total: int) -> float:
+        frac = min(max(step, 0), max(total - 1, 1)) / max(total - 1, 1)
+        return self.start * (self.end / self.start) ** frac
+
+    def __call__(self, step: int, total: int) -> float:
+        self.tau = self.value(step, total)
+        if self.model is not None:
+            for a, m in hiap_gates(self.model):
+                a.tau = m.tau = self.tau
+        return self.tau
+
+
+def _scale_grad(x: torch.Tensor, w: float) -> torch.Tensor:
+    """``x`` in the forward, ``w * grad`` in the backward."""
+    return x if w == 1.0 else x * w + x.detach() * (1.0 - w)
+
+
+class HiAPLoss:
+    """The HiAP terms added to CE (+ KD, which fit adds from its teacher):
+
+    * budget: ``budget_weight * (E[MACs] / dense MACs - target)^2`` with the gradient into
+      macro gates (blocks, heads) scaled by ``macro_weight`` and into micro gates by
+      ``micro_weight`` (HiAP's lambda_macro : lambda_micro = 2 : 1);
+    * feasibility (``feasibility_weight`` times): per layer ``ReLU(min_heads - E[#heads])^2``,
+      per head ``ReLU(min_head_dims - E[kept fraction of qk dims])^2`` and the same for v dims,
+      per layer ``ReLU(min_ffn - E[kept FFN fraction])^2``. 0 turns a constraint off (whole
+      attention or FFN blocks may then go).
+
+    Call signature is fit's ``extra_loss(model, logits, x, y, step)``; returns ``(loss, stats)``.
+    """
+
+    def __init__(self, target: float, budget_weight: float = 20.0, macro_weight: float = 2.0,
+                 micro_weight: float = 1.0, min_heads: int = 1, min_head_dims: float = 0.0,
+                 min_ffn: float = 0.0, feasibility_weight: float = 1.0):
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target must be a fraction of dense MACs in (0, 1], got {target!r}")
+        for name, v in (("min_head_dims", min_head_dims), ("min_ffn", min_ffn)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} is a fraction in [0, 1], got {v!r}")
+        if min_heads < 0:
+            raise ValueError(f"min_heads must be >= 0, got {min_heads!r}")
+        self.target = float(target)
+        self.budget_weight = float(budget_weight)
+        self.feasibility_weight = float(feasibility_weight)
+        self.macro_weight, self.micro_weight = float(macro_weight), float(micro_weight)
+        self.min_heads = int(min_heads)
+        self.min_head_dims, self.min_ffn = float(min_head_dims), float(min_ffn)
+        self._dense: dict[int, float] = {}
+
+    def stacked(self, model: nn.Module) -> tuple[dict, dict]:
+        """Keep probabilities stacked over blocks ({slot: [L, ...]}), for few big kernels."""
+        from pyengine.cost.expected import stack_probs
+        return stack_probs([(a.probs(), m.probs()) for a, m in hiap_gates(model)])
+
+    def feasibility(self, model: nn.Module, stacked: tuple[dict, dict] | None = None
+                    ) -> torch.Tensor:
+        pa, pm = stacked if stacked is not None else self.stacked(model)
+        total = pa["head"].new_zeros(())
+        if self.min_heads > 0:  # per layer: expected kept heads
+            heads = (pa["block"][:, None] * pa["head"]).sum(-1)
+            total = total + (torch.relu(self.min_heads - heads) ** 2).sum()
+        if self.min_head_dims > 0:  # per head: expected kept fraction of its dims
+            total = total + (torch.relu(self.min_head_dims - pa["qk"].mean(-1)) ** 2).sum()
+            total = total + (torch.relu(self.min_head_dims - pa["v"].mean(-1)) ** 2).sum()
+        if self.min_ffn > 0:  # per layer: expected kept fraction of the FFN
+            ffn = pm["block"] * pm["neuron"].mean(-1)
+            total = total + (torch.relu(self.min_ffn - ffn) ** 2).sum()
+        return total
+
+    def dense_macs(self, model: nn.Module) -> float:
+        from pyengine.cost.expected import dense_macs
+        key = id(model)
+        if key not in self._dense:
+            self._dense[key] = float(dense_macs(model))
+        return self._dense[key]
+
+    def __call__(self, model: nn.Module, logits=None, x=None, y=None, step=None):
+        from pyengine.cost.expected import _distilled, expected_stacked_macs
+        from pyengine.models.vit.adapter import geometry
+        g = geometry(model)
+        stacked = self.stacked(model)
+        attn, mlp = stacked
+        w = lambda k: self.macro_weight if k in MACRO else self.micro_weight  # noqa: E731
+        attn = {k: _scale_grad(v, w(k)) for k, v in attn.items()}
+        mlp = {k: _scale_grad(v, w(k)) for k, v in mlp.items()}
+        macs = expected_stacked_macs(g, attn, mlp, distilled=_distilled(model, g.depth))
+        ratio = macs / self.dense_macs(model)
+        budget = self.budget_weight * (ratio - self.target) ** 2
+        feas = self.feasibility_weight * self.feasibility(model, stacked)
+        loss = (budget + feas).to(torch.float32)
+        return loss, {"emacs": float(ratio.detach()), "feas": float(feas.detach())}
+
+
+def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads: int = 1,
+             min_head_dims: float = 0.0, min_ffn: float = 0.0, round_to: int | None = None):
+    """Fix the final hard structure of a HiAP-trained model: start from ``sigmoid(alpha) >
+    0.5``, round and make feasible, then add/remove units ranked by their logits until the
+    MACs are within ``tolerance`` (relative) of ``target`` * dense. Returns the Spec."""
+    from pyengine.methods.pipeline import project
+    scores = [({k: v.detach() for k, v in a.logits.items()},
+               {k: v.detach() for k, v in m.logits.items()}) for a, m in hiap_gates(model)]
+    for a, m in hiap_gates(model):
+        a.release()
+        m.release()
+    return project(model, scores, target, tolerance=tolerance, min_heads=min_heads,
+                   min_head_dims=min_head_dims, min_ffn=min_ffn, round_to=round_to,
+                   threshold=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# The `pyengine prune --method hiap` plug-in
+# --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("HiAP (--method hiap)")
+    g.add_argument("--tau-start", type=float, default=2.0, help="Gumbel-Sigmoid temperature at "
+                   "the start (annealed exponentially)")
+    g.add_argument("--tau-end", type=float, default=0.5, help="temperature at the end")
+    g.add_argument("--gate-lr", type=float, default=0.05, help="learning rate of the gate logits")
+    g.add_argument("--gate-init", type=float, default=3.0, help="initial gate logit "
+                   "(sigmoid(3) = 0.95 keep probability)")
+    g.add_argument("--budget-weight", type=float, default=20.0)
+    g.add_argument("--macro-weight", type=float, default=2.0,
+                   help="budget gradient scale for block/head gates (HiAP: 2)")
+    g.add_argument("--micro-weight", type=float, default=1.0,
+                   help="budget gradient scale for dim/neuron gates (HiAP: 1)")
+    g.add_argument("--feasibility-weight", type=float, default=1.0)
+
+
+def _get(args, name, default):
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def prune_structure(model: nn.Module, teacher: nn.Module | None, train_loader, val_loader,
+                    args) -> nn.Module:
+    """Gate ``model`` with HiAP, learn the structure with CE + KD + budget + feasibility, and
+    fix the final hard structure at ``args.target`` (see :func:`finalize`)."""
+    from pathlib import Path
+
+    from pyengine.api import gate
+    from pyengine.methods.pipeline import row_printer
+    from pyengine.train.trainer import fit
+
+    gate(model, method="hiap", init=float(_get(args, "gate_init", 3.0)),
+         tau=float(_get(args, "tau_start", 2.0)))
+    model.to(args.device)
+    min_heads = int(_get(args, "min_heads", 1))
+    min_head_dims = float(_get(args, "min_head_dims", 0.0))
+    min_ffn = float(_get(args, "min_ffn", 0.0))
+    loss = HiAPLoss(args.target, budget_weight=float(_get(args, "budget_weight", 20.0)),
+                    macro_weight=float(_get(args, "macro_weight", 2.0)),
+                    micro_weight=float(_get(args, "micro_weight", 1.0)),
+                    min_heads=min_heads, min_head_dims=min_head_dims, min_ffn=min_ffn,
+                    feasibility_weight=float(_get(args, "feasibility_weight", 1.0)))
+    schedule = TemperatureSchedule(model, float(_get(args, "tau_start", 2.0)),
+                                   float(_get(args, "tau_end", 0.5)))
+    from pyengine.train.trainer import default_param_groups
+    gates = gate_parameters(model)
+    gate_ids = {id(p) for p in gates}
+    wd = float(_get(args, "weight_decay", 0.05))
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in gate_ids]}
+              for g in default_param_groups(model, wd)]
+    groups = [g for g in groups if g["params"]]
+    # the gates learn faster than the weights and are not decayed toward 0 (= sigmoid 0.5)
+    groups.append({"params": gates, "lr": float(_get(args, "gate_lr", 0.05)),
+                   "weight_decay": 0.0})
+    out = _get(args, "out", None)
+    ckpt = str(Path(out) / "checkpoints" / "hiap") if out else None
+    fit(model, train_loader, val_loader, epochs=int(args.epochs), lr=float(args.lr),
+        weight_decay=wd, param_groups=groups, grad_clip=_get(args, "grad_clip", None),
+        amp=_get(args, "amp", None), teacher=teacher,
+        kd_alpha=float(_get(args, "kd_alpha", 0.5)),
+        kd_temperature=float(_get(args, "kd_temperature", 4.0)), extra_loss=loss,
+        on_step=schedule, checkpoint_dir=ckpt, resume=bool(_get(args, "resume", False)),
+        seed=int(_get(args, "seed", 0)), device=args.device,
+        progress=bool(_get(args, "progress", True)),
+        log=row_printer("hiap", bool(_get(args, "progress", True))),
+        warmup_steps=int(_get(args, "warmup_steps", 0)))
+    model.eval()
+    finalize(model, args.target, tolerance=float(_get(args, "tolerance", 0.03)),
+             min_heads=min_heads, min_head_dims=min_head_dims, min_ffn=min_ffn,
+             round_to=_get(args, "round_to", None))
+    return model
