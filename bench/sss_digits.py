@@ -20,6 +20,7 @@ import torch
 
 import pyengine
 from pyengine.methods import sss
+from pyengine.methods.base import run_method
 from pyengine.models import zoo
 from pyengine.io.atomic import write_bytes, write_json, write_text
 from pyengine.train.data import loaders
@@ -91,15 +92,14 @@ def main(argv=None) -> int:
     for q in teacher.parameters():
         q.requires_grad_(False)
 
-    args = argparse.Namespace(
-        method="sss", target=a.target, gamma=a.gamma, target_gamma=a.target_gamma,
-        prune_at=a.prune_at, apg_lr=a.apg_lr, apg_momentum=0.9, sss_nonneg=True,
-        sss_dims=False, epochs=a.epochs, lr=a.lr, weight_decay=0.05, kd_alpha=a.kd_alpha,
-        kd_temperature=4.0, batch_size=r["batch_size"], img_size=r["img_size"], seed=a.seed,
-        device="cpu", amp=None, finetune=0, out=None, min_heads=0, round_to=None, workers=0,
-        progress=False, tolerance=0.03)
     t1 = time.perf_counter()
-    gated = sss.prune_structure(model, teacher if a.kd_alpha > 0 else None, train, val, args)
+    gated = run_method(
+        model, "sss", train, val, teacher=teacher if a.kd_alpha > 0 else None,
+        img_size=r["img_size"], target=a.target if a.target is not None else 0.5,
+        gamma=a.gamma, target_gamma=a.target_gamma, prune_at=a.prune_at, apg_lr=a.apg_lr,
+        apg_momentum=0.9, sss_nonneg=True, sss_dims=False, epochs=a.epochs, lr=a.lr,
+        weight_decay=0.05, kd_alpha=a.kd_alpha, kd_temperature=4.0, seed=a.seed, device="cpu",
+        amp=None, min_heads=0, round_to=None, progress=False, tolerance=0.03)
     t_sss = time.perf_counter() - t1
     gated.eval()
     s = pyengine.spec(gated)

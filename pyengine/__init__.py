@@ -8,11 +8,11 @@
     c = pyengine.cost(compact, batch=64, dtype=torch.bfloat16)
 """
 from pyengine import _aliases, ops
-from pyengine.api import apply, compile, gate, is_compact, load, save, spec
+from pyengine.api import apply, compile, gate, is_compact, spec
 from pyengine.cost import Cost, Peaks, cost
+from pyengine.io.model_dir import load, save
 from pyengine.methods import apg as optim
-from pyengine.models.vit.adapter import create_model, geometry
-from pyengine.models.vit.gated import UnsupportedModuleError
+from pyengine.models import UnsupportedModuleError, create_model, geometry
 from pyengine.structure.gates import available_methods, register_gates
 from pyengine.structure.spec import (Block, CnnGeometry, CnnSpec, ConvBlock, Geometry, Head, Spec,
                                      SpecError, make_conv_block)

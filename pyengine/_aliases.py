@@ -9,7 +9,7 @@ import importlib.util
 import sys
 
 OLD = {
-    "pyengine.allocate": "pyengine.structure.allocate",
+    "pyengine.allocate": "pyengine.structure.solver",
     "pyengine.atomic": "pyengine.io.atomic",
     "pyengine.baselines": "pyengine.measure.baselines",
     "pyengine.bench": "pyengine.measure.bench",
@@ -61,3 +61,10 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
         sys.meta_path.append(_Alias())
+    # an old module name that is also a public function (pyengine.spec) is bound up front: the
+    # first import of a submodule sets it as an attribute of the package, which would replace
+    # the function
+    pkg = sys.modules["pyengine"]
+    for old, new in OLD.items():
+        if callable(getattr(pkg, old.rsplit(".", 1)[1], None)) and old not in sys.modules:
+            sys.modules[old] = importlib.import_module(new)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import pyengine
-from pyengine.cost import model as cost_model
-from pyengine.structure.allocate import allocate
+from pyengine.models.vit import cost as cost_model
+from pyengine.structure.solver import allocate
 from pyengine.methods.criteria import BlockScores
 from pyengine.structure.spec import Geometry, Spec
 

@@ -6,7 +6,7 @@ import torch
 import pyengine
 from pyengine.cost.flop_count import count_flops
 from pyengine.measure.baselines import torch_pruning_model, uniform_spec, uniform_widths
-from pyengine.cost.model import total_macs
+from pyengine.models.vit.cost import total_macs
 from pyengine.structure.spec import Spec
 from pyengine.structure.synthetic import heterogeneous_spec
 

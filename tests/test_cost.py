@@ -10,7 +10,9 @@ import torch
 
 import pyengine
 from pyengine.cost.flop_count import count_flops, math_attention, sdpa_math
-from pyengine.cost.model import PEAKS, Cost, Peaks, block_macs, cost, peaks_for, total_macs
+from pyengine.cost.peaks import PEAKS, Peaks, peaks_for
+from pyengine.cost import Cost, cost
+from pyengine.models.vit.cost import block_macs, total_macs
 from pyengine.structure.spec import Geometry, Spec, make_block
 
 timm = pytest.importorskip("timm")

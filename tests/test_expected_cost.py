@@ -6,7 +6,7 @@ import timm
 import torch
 
 import pyengine
-from pyengine.cost.model import total_macs
+from pyengine.models.vit.cost import total_macs
 from pyengine.cost.expected import dense_macs, expected_macs, expected_total_macs
 from pyengine.methods.hiap import hiap_gates
 

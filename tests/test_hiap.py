@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine.cost.model import total_macs
+from pyengine.models.vit.cost import total_macs
 from pyengine.cost.expected import dense_macs, expected_macs
 from pyengine.methods.hiap import (HiAPGates, HiAPLoss, TemperatureSchedule, finalize, gate_parameters,
                            hiap_gates, logistic_noise)
-from pyengine.methods.pipeline import project
+from pyengine.structure.solver import project
 from pyengine.train.trainer import fit
 
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 import pyengine
-from pyengine.methods import pipeline as prune_lib
+from pyengine.io.weights import load_checkpoint
 from pyengine.cli import build_parser, main
-from pyengine.cost.model import total_macs
+from pyengine.models.vit.cost import total_macs
 
 TINY = ["--model", "digits_vit", "--model-kwargs", '{"embed_dim": 16, "depth": 2, "num_heads": 2}',
         "--img-size", "8", "--batch-size", "128", "--no-progress", "--seed", "1"]
@@ -90,7 +90,8 @@ def test_checkpoint_loads_into_the_timm_model(tmp_path, fmt):
     assert m["dense_top1"] == pytest.approx(evaluate(dense, val))
     assert abs(m["macs_ratio"] - 0.6) <= 0.018
     assert m["model"] == args[1]
-    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+    # the saved config names the model as given (the digits models are in timm's registry)
+    assert json.loads((out / "config.json").read_text())["architecture"] == args[1]
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
@@ -105,7 +106,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     pickled = tmp_path / "code.pt"
     torch.save({"model": argparse.Namespace(a=1)}, pickled)  # needs unpickling code
     with pytest.raises(ValueError, match="weights_only"):
-        prune_lib.load_checkpoint(_dense(tmp_path), pickled)
+        load_checkpoint(_dense(tmp_path), pickled)
     # an image folder without weights and without --dense-epochs
     assert main(["prune", "--model", "digits_vit", "--data", str(tmp_path), "--out",
                  str(tmp_path / "o2"), "--no-progress"]) == 1
@@ -113,22 +114,48 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
 
 
 def test_method_contract():
-    assert prune_lib.METHODS["hiap"] == "pyengine.methods.hiap:prune_structure"
-    assert prune_lib.METHODS["sss"] == "pyengine.methods.sss:prune_structure"
+    from pyengine.methods.base import Method, get_method, methods
+    from pyengine.methods.hiap import HiAP
+    from pyengine.methods.oneshot import OneShot
+    from pyengine.methods.sss import SSS
+    known = methods()
+    assert isinstance(known["hiap"], HiAP) and isinstance(known["sss"], SSS)
     for m in ("agf", "taylor", "wanda", "ria", "magnitude", "random"):
-        assert prune_lib.METHODS[m] == "pyengine.methods.oneshot:prune_structure"
-    assert "hiap" in prune_lib.available()
-    import pyengine.methods.hiap
-    assert prune_lib.method_function("hiap") is pyengine.methods.hiap.prune_structure
+        assert isinstance(known[m], OneShot) and known[m].criterion == m
+    assert all(isinstance(m, Method) and m.name == n for n, m in known.items())
     with pytest.raises(ValueError, match="unknown pruning method"):
-        prune_lib.method_module("nope")
+        get_method("nope")
 
 
-def test_missing_method_module_is_not_implemented(monkeypatch):
-    monkeypatch.setitem(prune_lib.METHODS, "later", "pyengine.not_written_yet:prune_structure")
-    assert prune_lib.method_module("later") is None
-    with pytest.raises(NotImplementedError, match="not_written_yet"):
-        prune_lib.method_function("later")
+def test_a_registered_method_gets_its_flags_and_options(monkeypatch):
+    from dataclasses import dataclass, field
+
+    from pyengine.methods import base
+    from pyengine.methods.base import Method, register_method, run_method
+
+    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))  # undone after the test
+    seen = {}
+
+    @register_method("later")
+    class Later(Method):
+        @dataclass
+        class Config:
+            strength: float = field(default=1.0, metadata={"help": "how hard"})
+
+        def prune(self, model, config, ctx):
+            seen.update(strength=config.strength, target=ctx.budget.target,
+                        epochs=ctx.training.epochs)
+            return pyengine.gate(model)
+
+    a = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--method", "later",
+                                   "--strength", "2.5"])
+    assert a.method == "later" and a.strength == 2.5
+    run_method(_dense(None), "later", target=0.4, epochs=3, strength=0.5)
+    assert seen == {"strength": 0.5, "target": 0.4, "epochs": 3}
+    with pytest.raises(TypeError, match="unknown option 'nope'"):
+        run_method(_dense(None), "later", nope=1)
+    with pytest.raises(ValueError, match="target"):
+        run_method(_dense(None), "later", target=1.5)
 
 
 def test_parser_has_common_and_method_flags():

@@ -1,6 +1,5 @@
 """SSS: scale-factor gates (ViT and ResNet), folding at compile, the APG driver inside fit,
 and the prune plug-in (exact zeros, target mode)."""
-import argparse
 
 import pytest
 import timm
@@ -8,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
+from pyengine.methods.base import run_method
 from pyengine.models.resnet import blocks as resnet
 from pyengine.methods import sss
 from pyengine.methods.apg import APG
@@ -117,21 +117,21 @@ def test_controller_equals_stepping_after_backward():
     assert any(bool((x == 0).any()) for x in a)
 
 
-def _args(**kw):
-    base = dict(method="sss", target=0.5, gamma=None, target_gamma=None, prune_at=0.5,
-                apg_lr=0.05, apg_momentum=0.9, sss_nonneg=True, sss_dims=False, epochs=2,
-                lr=1e-3, weight_decay=0.05, kd_alpha=0.5, kd_temperature=4.0, batch_size=16,
-                img_size=16, seed=0, device="cpu", amp=None, finetune=0, out=None, min_heads=0,
-                round_to=None, workers=0, progress=False, tolerance=0.03)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def _sss(model, teacher, loader, img_size=16, **kw):
+    """SSS through the method interface with this file's defaults."""
+    opts = dict(target=0.5, gamma=None, target_gamma=None, prune_at=0.5, apg_lr=0.05,
+                apg_momentum=0.9, sss_nonneg=True, sss_dims=False, epochs=2, lr=1e-3,
+                weight_decay=0.05, kd_alpha=0.5, kd_temperature=4.0, seed=0, device="cpu",
+                amp=None, min_heads=0, round_to=None, progress=False, tolerance=0.03)
+    opts.update(kw)
+    return run_method(model, "sss", loader, teacher=teacher, log=lambda s: None,
+                      img_size=img_size, **opts)
 
 
 def test_prune_structure_plain_gamma_gives_exact_zeros_and_compiles():
     m = _vit()
     teacher = _vit()
-    gated = sss.prune_structure(m, teacher, _loader(), None, _args(gamma=2.0, apg_lr=0.1),
-                                log=lambda s: None)
+    gated = _sss(m, teacher, _loader(), gamma=2.0, apg_lr=0.1)
     fs = sss.scale_factors(gated)
     zeros = sum(int((f == 0).sum()) for f in fs)
     assert zeros > 0
@@ -150,8 +150,7 @@ def test_prune_structure_plain_gamma_gives_exact_zeros_and_compiles():
 
 @pytest.mark.parametrize("target", [0.6, 0.3])
 def test_prune_structure_target_mode_vit(target):
-    gated = sss.prune_structure(_vit(), None, _loader(), None,
-                                _args(target=target, kd_alpha=0.0), log=lambda s: None)
+    gated = _sss(_vit(), None, _loader(), target=target, kd_alpha=0.0)
     ratio = sss.structure_macs(gated) / sss.structure_macs(pyengine.gate(_vit(), method="sss"))
     assert ratio <= target * 1.03
     assert ratio > 0.05  # not everything thrown away on the way
@@ -160,9 +159,8 @@ def test_prune_structure_target_mode_vit(target):
 
 def test_prune_structure_target_mode_resnet():
     m = pyengine.create_model("resnet10t", num_classes=4)
-    gated = sss.prune_structure(m, None, _loader(n=32, size=32), None,
-                                _args(target=0.6, img_size=32, kd_alpha=0.0, epochs=1),
-                                log=lambda s: None)
+    gated = _sss(m, None, _loader(n=32, size=32), img_size=32, target=0.6, kd_alpha=0.0,
+                 epochs=1)
     assert gated.pyengine_sss["macs_ratio"] <= 0.6 * 1.03
     s = pyengine.spec(gated)
     compact = pyengine.compile(gated).eval()
@@ -191,7 +189,7 @@ def test_errors():
     with pytest.raises(ValueError, match="no SSS scale factors"):
         sss.scale_factors(pyengine.gate(_vit()))
     with pytest.raises(ValueError, match="bf16"):
-        sss.prune_structure(_vit(), None, _loader(), None, _args(amp="fp16"))
+        _sss(_vit(), None, _loader(), amp="fp16")
 
 
 def test_resnet_norms_after_scaled_channels_train_on_running_stats():

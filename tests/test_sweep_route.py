@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyengine
-from pyengine.cost import model as cost_model
-from pyengine.methods.oneshot import prune_structure
+from pyengine.models.vit import cost as cost_model
+from pyengine.methods.base import run_method
 from pyengine.experiments.route import cross_validate, pareto, pick, prior, route_curve
 from pyengine.structure.spec import Spec
 
@@ -137,20 +137,20 @@ def test_sweep_errors():
 
 
 # ---- the prune plug-in --------------------------------------------------------------------------
-def _args(**kw):
-    base = dict(method="agf", target=0.5, epochs=0, lr=1e-3, batch_size=8, img_size=32, seed=0,
-                device="cpu", amp=None, finetune=0, out="x", min_heads=1, round_to=None,
-                workers=0, calib_batches=2, allocation="global", granularity="dim",
+def _oneshot(model, loader, method="agf", **kw):
+    """A one-shot method through the method interface with this file's defaults."""
+    opts = dict(target=0.5, epochs=0, lr=1e-3, seed=0, device="cpu", amp=None, min_heads=1,
+                round_to=None, calib_batches=2, allocation="global", granularity="dim",
                 min_head_dims=0.0, min_ffn=0.0)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    opts.update(kw)
+    return run_method(model, method, loader, img_size=32, **opts)
 
 
 @pytest.mark.parametrize("method", ["agf", "taylor", "wanda", "ria", "magnitude", "random"])
 def test_prune_structure_plugin(method):
     model = tiny_vit()
     loader = DataLoader(tiny_data(16), batch_size=8)
-    out = prune_structure(model, None, loader, None, _args(method=method, target=0.6))
+    out = _oneshot(model, loader, method=method, target=0.6)
     assert out is model and pyengine.api.is_gated(out)
     s = pyengine.spec(out)
     dense = cost_model.total_macs(Spec.full(pyengine.geometry(out), "vit_tiny_patch16_224"))
@@ -164,16 +164,15 @@ def test_prune_structure_plugin(method):
 def test_prune_structure_plugin_resnet_and_flags():
     model = tiny_resnet()
     loader = DataLoader(tiny_data(16), batch_size=8)
-    out = prune_structure(model, None, loader, None, _args(method="agf", target=0.8, round_to=4,
-                                                           allocation="uniform"))
+    out = _oneshot(model, loader, method="agf", target=0.8, round_to=4, allocation="uniform")
     s = pyengine.spec(out)
     assert all(len(b.kept("conv1")) % 4 == 0 for b in s.blocks)
     assert any(len(b.kept("conv1")) < c for b, (c,) in zip(s.blocks, s.dense.inner))
     assert pyengine.cost(s).macs <= 0.8 * pyengine.cost(pyengine.api.spec(tiny_resnet())).macs
-    from pyengine.methods.oneshot import add_arguments
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    a = p.parse_args(["--calib-batches", "3", "--allocation", "uniform", "--granularity", "head"])
+    from pyengine.cli import build_parser
+    a = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--method", "agf",
+                                   "--calib-batches", "3", "--allocation", "uniform",
+                                   "--granularity", "head"])
     assert (a.calib_batches, a.allocation, a.granularity) == (3, "uniform", "head")
 
 

@@ -5,6 +5,7 @@ whatever attention kernel runs (flop_count).
     c = pyengine.cost(compact, batch=64, dtype=torch.bfloat16, device="h100")
 """
 from pyengine.cost.flop_count import count_flops
-from pyengine.cost.model import PEAKS, Cost, Layer, Peaks, cost, peaks_for
+from pyengine.cost.peaks import PEAKS, Peaks, peaks_for
+from pyengine.cost.model import Cost, Layer, cost
 
 __all__ = ["cost", "Cost", "Layer", "Peaks", "PEAKS", "peaks_for", "count_flops"]

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from pyengine.cost.model import _extras_from_model, head_macs, patch_embed_macs
+from pyengine.models.vit.cost import _extras_from_model, head_macs, patch_embed_macs
 from pyengine.structure.spec import Geometry
 
 __all__ = ["expected_block_macs", "expected_total_macs", "expected_stacked_macs", "stack_probs",
@@ -90,7 +90,7 @@ def gate_probs(model: nn.Module) -> list[tuple[dict, dict]]:
 
     Gate kinds with a ``probs()`` method (HiAP) report them; any other kind reports its
     current hard masks as 0/1."""
-    from pyengine.api import _gated_blocks
+    from pyengine.models.vit.adapter import gated_blocks as _gated_blocks
     out = []
     for attn, mlp in _gated_blocks(model):
         pair = []
@@ -120,9 +120,10 @@ def expected_macs(model: nn.Module, batch: int = 1,
 
 def dense_macs(model: nn.Module, batch: int = 1) -> int:
     """MACs of the unpruned model (everything kept), from the cost model."""
-    from pyengine.cost.model import total_macs
+    from pyengine.models.vit.cost import total_macs
     from pyengine.structure.spec import Spec
-    from pyengine.models.vit.adapter import geometry, model_name
+    from pyengine.models.vit.adapter import geometry
+    from pyengine.models.factory import model_name
     g = geometry(model)
     return total_macs(Spec.full(g, model=model_name(model)), batch,
                       distilled=_distilled(model, g.depth))

@@ -14,7 +14,6 @@ also used by bench/cpu_compact_speedup.py).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pyengine import api
-from pyengine.cost.model import cost
+from pyengine.cost import cost
 from pyengine.structure.synthetic import heterogeneous_spec
 from pyengine.measure.timing import compare, environment
 from pyengine.models.vit.adapter import geometry
@@ -141,22 +140,26 @@ def run_synthetic(out: str | Path = "pyengine-demo", model_name: str = "deit_sma
 # --------------------------------------------------------------------------------------
 
 
-def prune_args(out: str | Path, cfg: dict, model_kwargs: dict, seed: int = 0,
-               progress: bool = True) -> argparse.Namespace:
-    """The ``pyengine prune`` arguments the demo runs with."""
-    return argparse.Namespace(
-        model="digits_vit", model_kwargs=model_kwargs, recipe=DEMO_RECIPE, checkpoint=None,
-        data="digits",
+def prune_job(out: str | Path, cfg: dict, model_kwargs: dict, seed: int = 0,
+              progress: bool = True):
+    """The ``pyengine prune`` job the demo runs."""
+    from pyengine.methods.base import Budget, Training
+    from pyengine.methods.hiap import HiAP
+    from pyengine.methods.pipeline import PruneJob
+    return PruneJob(
+        model="digits_vit", out=str(out), method="hiap", data="digits",
+        model_kwargs=model_kwargs, recipe=DEMO_RECIPE, checkpoint=None,
         img_size=cfg["img_size"], batch_size=cfg["train_batch"], workers=0,
-        augment=cfg["augment"], dense_epochs=cfg["dense_epochs"], method="hiap",
-        target=cfg["target"],
-        tolerance=0.03, epochs=cfg["epochs"], lr=cfg["lr"], weight_decay=0.05,
-        warmup_steps=0, grad_clip=None, kd_alpha=0.5, kd_temperature=4.0, min_heads=1,
-        min_head_dims=0.0, min_ffn=0.0, round_to=cfg["round_to"], finetune=cfg["finetune"],
-        finetune_lr=cfg["finetune_lr"], out=str(out), resume=False, seed=seed, device="cpu",
-        amp=None,
-        progress=progress, tau_start=2.0, tau_end=0.5, gate_lr=cfg["gate_lr"], gate_init=3.0,
-        budget_weight=20.0, macro_weight=2.0, micro_weight=1.0, feasibility_weight=1.0)
+        augment=cfg["augment"], dense_epochs=cfg["dense_epochs"], finetune=cfg["finetune"],
+        finetune_lr=cfg["finetune_lr"],
+        budget=Budget(target=cfg["target"], tolerance=0.03, min_heads=1, min_head_dims=0.0,
+                      min_ffn=0.0, round_to=cfg["round_to"]),
+        training=Training(epochs=cfg["epochs"], lr=cfg["lr"], weight_decay=0.05,
+                          warmup_steps=0, grad_clip=None, kd_alpha=0.5, kd_temperature=4.0,
+                          amp=None, seed=seed, device="cpu", progress=progress, resume=False),
+        method_config=HiAP.Config(tau_start=2.0, tau_end=0.5, gate_lr=cfg["gate_lr"],
+                                  gate_init=3.0, budget_weight=20.0, macro_weight=2.0,
+                                  micro_weight=1.0, feasibility_weight=1.0))
 
 
 def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
@@ -176,8 +179,8 @@ def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
     env = environment()
     print(f"pyengine demo: digits ViT {model_kwargs} at {cfg['img_size']}px, HiAP to "
           f"{cfg['target']:.0%} MACs; {env['cpu']}, {env['threads']} threads", flush=True)
-    args = prune_args(out, cfg, model_kwargs, seed, progress)
-    res = prune_run(args, log=lambda s: print(s, flush=True))
+    res = prune_run(prune_job(out, cfg, model_kwargs, seed, progress),
+                    log=lambda s: print(s, flush=True))
     m, compact, dense = res["metrics"], res["compact"].eval(), res["dense"].eval()
     max_abs_diff = m["max_abs_diff"]  # compact vs hard-gated on up to 256 validation images
     x_val = torch.cat([x for x, _ in res["val_loader"]])
@@ -224,36 +227,3 @@ def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
           f"{report['times']['demo_total_s']:.0f}s; wrote {out / 'report.json'}, "
           f"{out / 'spec.json'} and the compact model (pyengine.load('{out}'))")
     return report
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="pyengine-demo", help="output directory (report.json, "
-                   "spec.json, the compact model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--target", type=float, default=None, help="kept fraction of dense MACs "
-                   "(default 0.5)")
-    p.add_argument("--epochs", type=int, default=None, help=f"HiAP epochs (default "
-                   f"{DEMO['epochs']})")
-    p.add_argument("--dense-epochs", type=int, default=None,
-                   help=f"dense training epochs (default {DEMO['dense_epochs']})")
-    p.add_argument("--finetune", type=int, default=None,
-                   help=f"fine-tuning epochs of the compact model (default {DEMO['finetune']})")
-    p.add_argument("--batch", type=int, default=None, help=f"timing batch (default "
-                   f"{DEMO['batch']}; synthetic: 8)")
-    p.add_argument("--repeats", type=int, default=None, help="timing repeats")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--synthetic", action="store_true", help="the first demo: a random "
-                   "heterogeneous structure on --model (no training)")
-    p.add_argument("--model", default="deit_small_patch16_224", help="(--synthetic) timm model")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
-
-
-def main(a) -> int:
-    if a.synthetic:
-        run_synthetic(a.out, a.model, a.target or 0.5, a.batch or 8, a.repeats or 10, a.seed)
-        return 0
-    run(a.out, tiny=a.tiny, seed=a.seed, threads=a.threads, progress=a.progress,
-        target=a.target, epochs=a.epochs, dense_epochs=a.dense_epochs, finetune=a.finetune,
-        batch=a.batch, repeats=a.repeats)
-    return 0

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pyengine.io.atomic import save_figure
+from pyengine.models import geometry
 
 
 # a half-width digits ViT over 8x8-pixel patches (17 tokens), pinned in full so it does not
@@ -75,24 +76,14 @@ def trained_dense(arch: str, cache_dir="out/dense", seed: int = 0, progress: boo
     return model.eval(), meta
 
 
-def _geometry(model: nn.Module):
-    from pyengine.models.resnet import blocks as resnet
-    from pyengine.models.vit import adapter as vit
-    return resnet.geometry(model) if resnet.is_resnet(model) else vit.geometry(model)
-
-
 def _full_spec(model: nn.Module):
-    from pyengine import api
-    from pyengine.models.resnet import blocks as resnet
-    from pyengine.structure.spec import CnnSpec, Spec
-    from pyengine.models.vit.adapter import model_name
-    g = _geometry(model)
-    return CnnSpec.full(g, model=model_name(model)) if resnet.is_resnet(model) \
-        else Spec.full(g, model=model_name(model))
+    from pyengine.models import adapter_for, model_name
+    a = adapter_for(model)
+    return a.full_spec(a.geometry(model), model_name(model))
 
 
 def _macs(spec) -> int:
-    from pyengine.cost.model import cost
+    from pyengine.cost import cost
     return int(cost(spec).macs)
 
 
@@ -116,7 +107,7 @@ def sweep(model: nn.Module, calib_data, val_loader, criteria=None,
     from tqdm import tqdm
 
     from pyengine import api
-    from pyengine.structure.allocate import allocate
+    from pyengine.structure.solver import allocate
     from pyengine.methods.criteria import CRITERIA, calibrate, score
     from pyengine.train.trainer import evaluate
 
@@ -130,7 +121,7 @@ def sweep(model: nn.Module, calib_data, val_loader, criteria=None,
     net = copy.deepcopy(model).to(device).eval()
     api.gate(net, method="mask")
     full = _full_spec(net)
-    g = _geometry(net)
+    g = geometry(net)
     dense_macs = _macs(full)
     api.apply(net, full)
     dense_top1 = evaluate(net, val_loader, device)

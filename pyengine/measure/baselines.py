@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyengine.cost.model import total_macs
+from pyengine.models.vit.cost import total_macs
 from pyengine.structure.spec import Block, Geometry, Head, Spec
-from pyengine.models.vit.adapter import check_vit, geometry, model_name
+from pyengine.models.vit.adapter import geometry
+from pyengine.models.factory import model_name
 
 
 def torch_pruning_available() -> tuple[bool, str]:
@@ -114,8 +115,7 @@ def torch_pruning_model(dense: nn.Module, target: float, multiple: int = 8,
     except ImportError:  # older timm keeps it in the ViT module
         from timm.models.vision_transformer import Attention
 
-    check_vit(dense)
-    g = geometry(dense)
+    g = geometry(dense)  # raises UnsupportedModuleError unless a timm ViT
     name = model_name(dense)
     d, m = uniform_widths(g, target, multiple, name)
     model = copy.deepcopy(dense)
@@ -201,7 +201,7 @@ def _uniform_attention(a: nn.Module) -> nn.Module:
 
 def matching_target(dense: nn.Module, compact: nn.Module) -> float:
     """The MAC fraction of ``compact`` relative to ``dense`` (what the peer should match)."""
-    from pyengine.cost.model import cost
+    from pyengine.cost import cost
     return cost(compact).macs / cost(dense).macs
 
 

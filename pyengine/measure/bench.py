@@ -50,7 +50,7 @@ DEFAULT_COMPARE = ("dense", "padded", "torch-pruning")
 # --------------------------------------------------------------------------------------
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    from pyengine.cost.model import _as_dtype
+    from pyengine.cost.dtypes import as_dtype as _as_dtype
     return _as_dtype(name)
 
 
@@ -126,7 +126,8 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
     """
     from pyengine import api
     from pyengine.structure.synthetic import heterogeneous_spec
-    from pyengine.models.vit.adapter import create_model, geometry
+    from pyengine.models.factory import create_model
+    from pyengine.models.vit.adapter import geometry
 
     path = Path(model)
     if path.is_dir():
@@ -136,8 +137,9 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
         if model_kwargs:
             raise ValueError("--model-kwargs applies only to a timm model name; a saved model "
                              "rebuilds from its own config.json")
-        compact = api.load(path).eval()
-        cfg = json.loads((path / api.CONFIG).read_text())
+        from pyengine.io.model_dir import CONFIG, load
+        compact = load(path).eval()
+        cfg = json.loads((path / CONFIG).read_text())
         dense = create_model(cfg["architecture"], **cfg["kwargs"]).eval()
         return cfg["architecture"], dense, compact
     if os.sep in model or path.suffix in (".json", ".safetensors"):
@@ -175,7 +177,7 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
     ``skipped`` with the reason instead of failing the whole bench.
     """
     from pyengine.measure.baselines import torch_pruning_available, torch_pruning_model
-    from pyengine.cost.model import cost
+    from pyengine.cost import cost
     from pyengine.models.vit.padded import pad_heads
 
     compare = parse_compare(compare)
@@ -404,7 +406,7 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
     ``deadline``: a ``time.perf_counter()`` value; batches not started by then are skipped
     and listed in ``config["skipped_batches"]`` (keeps a scripted run inside its time limit).
     """
-    from pyengine.cost.model import cost
+    from pyengine.cost import cost
 
     dev = resolve_device(device)
     dt = parse_dtype(dtype)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from pyengine.measure.bench import dtype_name, environment, parse_dtype, resolve_device, time_callables
-from pyengine.cost.model import Peaks, cost
+from pyengine.cost.peaks import Peaks
+from pyengine.cost import cost
 
 
 # --------------------------------------------------------------------------------------

@@ -22,15 +22,17 @@ semantics of :func:`pyengine.gates._consistent` in training, eval and :func:`pye
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from pyengine.methods.base import Method, MethodContext, register_method
 from pyengine.structure.gates import Gates, _consistent, register_gates
 
 __all__ = ["HiAPGates", "TemperatureSchedule", "HiAPLoss", "hiap_gates", "gate_parameters",
-           "finalize", "prune_structure", "add_arguments", "logistic_noise"]
+           "finalize", "HiAP", "logistic_noise"]
 
 MACRO = ("block", "head")
 
@@ -253,7 +255,7 @@ def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads
     """Fix the final hard structure of a HiAP-trained model: start from ``sigmoid(alpha) >
     0.5``, round and make feasible, then add/remove units ranked by their logits until the
     MACs are within ``tolerance`` (relative) of ``target`` * dense. Returns the Spec."""
-    from pyengine.methods.pipeline import project
+    from pyengine.structure.solver import project
     scores = [({k: v.detach() for k, v in a.logits.items()},
                {k: v.detach() for k, v in m.logits.items()}) for a, m in hiap_gates(model)]
     for a, m in hiap_gates(model):
@@ -269,74 +271,65 @@ def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads
 # --------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    g = parser.add_argument_group("HiAP (--method hiap)")
-    g.add_argument("--tau-start", type=float, default=2.0, help="Gumbel-Sigmoid temperature at "
-                   "the start (annealed exponentially)")
-    g.add_argument("--tau-end", type=float, default=0.5, help="temperature at the end")
-    g.add_argument("--gate-lr", type=float, default=0.05, help="learning rate of the gate logits")
-    g.add_argument("--gate-init", type=float, default=3.0, help="initial gate logit "
-                   "(sigmoid(3) = 0.95 keep probability)")
-    g.add_argument("--budget-weight", type=float, default=20.0)
-    g.add_argument("--macro-weight", type=float, default=2.0,
-                   help="budget gradient scale for block/head gates (HiAP: 2)")
-    g.add_argument("--micro-weight", type=float, default=1.0,
-                   help="budget gradient scale for dim/neuron gates (HiAP: 1)")
-    g.add_argument("--feasibility-weight", type=float, default=1.0)
+@register_method("hiap")
+class HiAP(Method):
+    """Gate the model with HiAP, learn the structure with CE + KD + budget + feasibility, and
+    fix the final hard structure at the budget's target (see :func:`finalize`)."""
 
+    @dataclass
+    class Config:
+        tau_start: float = field(default=2.0, metadata={
+            "help": "Gumbel-Sigmoid temperature at the start (annealed exponentially)"})
+        tau_end: float = field(default=0.5, metadata={"help": "temperature at the end"})
+        gate_lr: float = field(default=0.05, metadata={
+            "help": "learning rate of the gate logits"})
+        gate_init: float = field(default=3.0, metadata={
+            "help": "initial gate logit (sigmoid(3) = 0.95 keep probability)"})
+        budget_weight: float = 20.0
+        macro_weight: float = field(default=2.0, metadata={
+            "help": "budget gradient scale for block/head gates (HiAP: 2)"})
+        micro_weight: float = field(default=1.0, metadata={
+            "help": "budget gradient scale for dim/neuron gates (HiAP: 1)"})
+        feasibility_weight: float = 1.0
 
-def _get(args, name, default):
-    v = getattr(args, name, None)
-    return default if v is None else v
+    def check(self, config: "HiAP.Config", ctx: MethodContext) -> None:
+        if not (config.tau_start > 0 and config.tau_end > 0):
+            raise ValueError(f"hiap: temperatures must be > 0, got tau_start="
+                             f"{config.tau_start!r}, tau_end={config.tau_end!r}")
+        if not math.isfinite(config.gate_init):
+            raise ValueError(f"hiap: gate_init must be finite, got {config.gate_init!r}")
+        if not (config.gate_lr > 0 and math.isfinite(config.gate_lr)):
+            raise ValueError(f"hiap: gate_lr must be a finite number > 0, got {config.gate_lr!r}")
 
+    def prune(self, model: nn.Module, config: "HiAP.Config", ctx: MethodContext) -> nn.Module:
+        from pyengine.api import gate
+        from pyengine.train.trainer import default_param_groups, fit, row_printer
 
-def prune_structure(model: nn.Module, teacher: nn.Module | None, train_loader, val_loader,
-                    args) -> nn.Module:
-    """Gate ``model`` with HiAP, learn the structure with CE + KD + budget + feasibility, and
-    fix the final hard structure at ``args.target`` (see :func:`finalize`)."""
-    from pathlib import Path
-
-    from pyengine.api import gate
-    from pyengine.methods.pipeline import row_printer
-    from pyengine.train.trainer import fit
-
-    gate(model, method="hiap", init=float(_get(args, "gate_init", 3.0)),
-         tau=float(_get(args, "tau_start", 2.0)))
-    model.to(args.device)
-    min_heads = int(_get(args, "min_heads", 1))
-    min_head_dims = float(_get(args, "min_head_dims", 0.0))
-    min_ffn = float(_get(args, "min_ffn", 0.0))
-    loss = HiAPLoss(args.target, budget_weight=float(_get(args, "budget_weight", 20.0)),
-                    macro_weight=float(_get(args, "macro_weight", 2.0)),
-                    micro_weight=float(_get(args, "micro_weight", 1.0)),
-                    min_heads=min_heads, min_head_dims=min_head_dims, min_ffn=min_ffn,
-                    feasibility_weight=float(_get(args, "feasibility_weight", 1.0)))
-    schedule = TemperatureSchedule(model, float(_get(args, "tau_start", 2.0)),
-                                   float(_get(args, "tau_end", 0.5)))
-    from pyengine.train.trainer import default_param_groups
-    gates = gate_parameters(model)
-    gate_ids = {id(p) for p in gates}
-    wd = float(_get(args, "weight_decay", 0.05))
-    groups = [{**g, "params": [p for p in g["params"] if id(p) not in gate_ids]}
-              for g in default_param_groups(model, wd)]
-    groups = [g for g in groups if g["params"]]
-    # the gates learn faster than the weights and are not decayed toward 0 (= sigmoid 0.5)
-    groups.append({"params": gates, "lr": float(_get(args, "gate_lr", 0.05)),
-                   "weight_decay": 0.0})
-    out = _get(args, "out", None)
-    ckpt = str(Path(out) / "checkpoints" / "hiap") if out else None
-    fit(model, train_loader, val_loader, epochs=int(args.epochs), lr=float(args.lr),
-        weight_decay=wd, param_groups=groups, grad_clip=_get(args, "grad_clip", None),
-        amp=_get(args, "amp", None), teacher=teacher,
-        kd_alpha=float(_get(args, "kd_alpha", 0.5)),
-        kd_temperature=float(_get(args, "kd_temperature", 4.0)), extra_loss=loss,
-        on_step=schedule, checkpoint_dir=ckpt, resume=bool(_get(args, "resume", False)),
-        seed=int(_get(args, "seed", 0)), device=args.device,
-        progress=bool(_get(args, "progress", True)),
-        log=row_printer("hiap", bool(_get(args, "progress", True))),
-        warmup_steps=int(_get(args, "warmup_steps", 0)))
-    model.eval()
-    finalize(model, args.target, tolerance=float(_get(args, "tolerance", 0.03)),
-             min_heads=min_heads, min_head_dims=min_head_dims, min_ffn=min_ffn,
-             round_to=_get(args, "round_to", None))
-    return model
+        b, t = ctx.budget, ctx.training
+        gate(model, method="hiap", init=float(config.gate_init), tau=float(config.tau_start))
+        model.to(t.device)
+        loss = HiAPLoss(b.target, budget_weight=float(config.budget_weight),
+                        macro_weight=float(config.macro_weight),
+                        micro_weight=float(config.micro_weight), min_heads=int(b.min_heads),
+                        min_head_dims=float(b.min_head_dims), min_ffn=float(b.min_ffn),
+                        feasibility_weight=float(config.feasibility_weight))
+        schedule = TemperatureSchedule(model, float(config.tau_start), float(config.tau_end))
+        gates = gate_parameters(model)
+        gate_ids = {id(p) for p in gates}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in gate_ids]}
+                  for g in default_param_groups(model, float(t.weight_decay))]
+        groups = [g for g in groups if g["params"]]
+        # the gates learn faster than the weights and are not decayed toward 0 (= sigmoid 0.5)
+        groups.append({"params": gates, "lr": float(config.gate_lr), "weight_decay": 0.0})
+        fit(model, ctx.train_loader, ctx.val_loader, epochs=int(t.epochs), lr=float(t.lr),
+            weight_decay=float(t.weight_decay), param_groups=groups, grad_clip=t.grad_clip,
+            amp=t.amp, teacher=ctx.teacher, kd_alpha=float(t.kd_alpha),
+            kd_temperature=float(t.kd_temperature), extra_loss=loss, on_step=schedule,
+            checkpoint_dir=ctx.checkpoint_dir("hiap"), resume=bool(t.resume),
+            seed=int(t.seed), device=t.device, progress=bool(t.progress),
+            log=row_printer("hiap", bool(t.progress)), warmup_steps=int(t.warmup_steps))
+        model.eval()
+        finalize(model, b.target, tolerance=float(b.tolerance), min_heads=int(b.min_heads),
+                 min_head_dims=float(b.min_head_dims), min_ffn=float(b.min_ffn),
+                 round_to=b.round_to)
+        return model

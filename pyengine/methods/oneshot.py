@@ -4,36 +4,23 @@ agf / taylor / wanda / ria / magnitude / random.
     pyengine prune --model digits_vit --method agf --target 0.5 --calib-batches 8 \\
         --allocation global --granularity dim --out runs/agf50
 
-``prune_structure`` gates the dense model, calibrates on ``--calib-batches`` training batches
+:class:`OneShot` gates the dense model, calibrates on ``--calib-batches`` training batches
 (forward + backward hooks), scores every structure by the criterion, allocates a structure
 at the MAC target (:mod:`pyengine.allocate`) and fixes it in the gates. Fine-tuning, if any,
 is done by ``pyengine prune`` on the compact model.
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from pyengine.structure.allocate import GRANULARITIES, MODES, allocate
-from pyengine.methods.criteria import CRITERIA, calibrate, score
+from pyengine.structure.solver import GRANULARITIES, MODES, allocate
+from pyengine.methods.base import Method, MethodContext, register_method
+from pyengine.methods.criteria import CRITERIA, calibrate, get_criterion, score
 
-__all__ = ["add_arguments", "prune_structure", "one_shot"]
+__all__ = ["OneShot", "one_shot"]
 
-# criteria that read no data
-_DATA_FREE = ("magnitude", "random")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("one-shot criteria (agf, taylor, wanda, ria, magnitude, random)")
-    g.add_argument("--calib-batches", type=int, default=8,
-                   help="training batches of forward/backward calibration (default 8)")
-    g.add_argument("--allocation", default="global", choices=MODES,
-                   help="global ranking (normalized per structure type) or per-layer uniform")
-    g.add_argument("--granularity", default="dim", choices=GRANULARITIES,
-                   help="what is removed: q/k + v dims and neurons (dim), whole heads and "
-                        "neurons (head), whole attention/FFN branches (block)")
 
 
 def one_shot(model: nn.Module, criterion: str, target: float, calib=None, *, loader=None,
@@ -44,13 +31,12 @@ def one_shot(model: nn.Module, criterion: str, target: float, calib=None, *, loa
     allocated at ``target`` (kept fraction of dense MACs). Pass ``calib`` to reuse a
     calibration, or ``loader`` to run one. Returns ``(model, spec)``."""
     from pyengine import api
-    from pyengine.experiments.sweep import _geometry as geometry
-    from pyengine.models.vit.adapter import model_name
+    from pyengine.models import geometry
+    from pyengine.models.factory import model_name
 
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    crit = get_criterion(criterion)
     api.gate(model, method="mask")
-    if calib is None and criterion not in _DATA_FREE:
+    if calib is None and crit.needs_data:
         if loader is None:
             raise ValueError(f"criterion {criterion!r} needs calibration data: pass loader= or "
                              "calib=")
@@ -65,27 +51,53 @@ def one_shot(model: nn.Module, criterion: str, target: float, calib=None, *, loa
     return model, spec
 
 
-def prune_structure(model: nn.Module, teacher, train_loader, val_loader, args) -> nn.Module:
-    """The plug-in contract of ``pyengine prune``: returns ``model`` gated with its one-shot
-    structure fixed. ``teacher`` and ``val_loader`` are not used (one-shot, no training)."""
-    from pyengine.models.resnet.blocks import is_resnet
-    from pyengine.experiments.sweep import _geometry
+class OneShot(Method):
+    """Score every structure by one criterion on calibration batches and allocate a structure
+    at the budget's target; no training (fine-tuning, if any, is the pipeline's)."""
 
-    g = _geometry(model)
-    frac = lambda name, n: int(round(float(getattr(args, name, 0.0) or 0.0) * n))  # noqa: E731
-    if is_resnet(model):  # ResNets: channels per inner conv, no heads or FFN widths
-        head_dim, hidden = 1, 1
-    else:
-        head_dim, hidden = g.head_dim, g.mlp_hidden
-    was_training = model.training
-    model, _ = one_shot(
-        model, args.method, args.target, loader=train_loader,
-        calib_batches=getattr(args, "calib_batches", 8),
-        allocation=getattr(args, "allocation", "global"),
-        granularity=getattr(args, "granularity", "dim"),
-        min_heads=getattr(args, "min_heads", 1), round_to=getattr(args, "round_to", None) or 1,
-        min_dims=max(1, frac("min_head_dims", head_dim)),
-        min_neurons=frac("min_ffn", hidden), seed=getattr(args, "seed", 0),
-        device=getattr(args, "device", None) or "cpu")
-    model.train(was_training)
-    return model
+    def __init__(self, criterion: str):
+        self.criterion = criterion
+
+    @dataclass
+    class Config:
+        calib_batches: int = field(default=8, metadata={
+            "help": "training batches of forward/backward calibration (default 8)"})
+        allocation: str = field(default="global", metadata={
+            "choices": list(MODES),
+            "help": "global ranking (normalized per structure type) or per-layer uniform"})
+        granularity: str = field(default="dim", metadata={
+            "choices": list(GRANULARITIES),
+            "help": "what is removed: q/k + v dims and neurons (dim), whole heads and neurons "
+                    "(head), whole attention/FFN branches (block)"})
+
+    def check(self, config: "OneShot.Config", ctx: MethodContext) -> None:
+        if not isinstance(config.calib_batches, int) or config.calib_batches < 1:
+            raise ValueError(f"calib_batches must be a positive integer, got "
+                             f"{config.calib_batches!r}")
+        if config.allocation not in MODES:
+            raise ValueError(f"allocation must be one of {', '.join(MODES)}, got "
+                             f"{config.allocation!r}")
+        if config.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got "
+                             f"{config.granularity!r}")
+
+    def prune(self, model: nn.Module, config: "OneShot.Config", ctx: MethodContext) -> nn.Module:
+        from pyengine.models import geometry
+
+        b, t = ctx.budget, ctx.training
+        g = geometry(model)
+        # fractions of a head's dims / of an FFN -> counts (families without heads: 1 unit)
+        head_dim, hidden = getattr(g, "head_dim", 1), getattr(g, "mlp_hidden", 1)
+        was_training = model.training
+        model, _ = one_shot(
+            model, self.criterion, b.target, loader=ctx.train_loader,
+            calib_batches=config.calib_batches, allocation=config.allocation,
+            granularity=config.granularity, min_heads=b.min_heads, round_to=b.round_to or 1,
+            min_dims=max(1, int(round(b.min_head_dims * head_dim))),
+            min_neurons=int(round(b.min_ffn * hidden)), seed=t.seed, device=t.device)
+        model.train(was_training)
+        return model
+
+
+for _name in CRITERIA:
+    register_method(_name, criterion=_name)(OneShot)

@@ -22,18 +22,19 @@ exact zeros going first), and the rest of the pass trains that fixed structure
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from pyengine.structure.gates import Gates, _consistent, register_gates
 from pyengine.methods.apg import APG
+from pyengine.methods.base import Method, MethodContext, register_method
+from pyengine.structure.gates import Gates, _consistent, register_gates
 
-__all__ = ["ScaleGates", "scale_factors", "add_arguments", "prune_structure",
+__all__ = ["ScaleGates", "scale_factors", "SSS",
            "threshold_to_target", "structure_macs", "SSSController", "frozen_norms"]
 
 LEARNED_SLOTS = ("block", "head", "neuron", "conv1", "conv2")
@@ -91,12 +92,9 @@ def scale_factors(model: nn.Module) -> list[nn.Parameter]:
 def structure_macs(model: nn.Module, img_size: int | None = None) -> int:
     """MACs (per image) of the current hard structure of a gated model."""
     from pyengine.api import spec
-    from pyengine.cost.model import cost
-    from pyengine.models.resnet.blocks import is_resnet
+    from pyengine.cost import cost
     s = spec(model)
-    if is_resnet(model):
-        return cost(s, img_size=img_size).macs
-    return cost(s).macs
+    return cost(s).macs if img_size is None else cost(s, img_size=img_size).macs
 
 
 # ---- target mode ----------------------------------------------------------------------------
@@ -250,126 +248,110 @@ class SSSController:
 @torch.no_grad()
 def threshold_to_target(model: nn.Module, target: float, dense_macs: int,
                         img_size: int | None = None) -> float:
-    """Zero the smallest ``|factor|`` (one global threshold) until the structure's MACs are
-    <= ``target * dense_macs``; returns the threshold used (0 if nothing was needed)."""
-    params = scale_factors(model)
-    if structure_macs(model, img_size) <= target * dense_macs:
-        return 0.0
-    saved = [p.detach().clone() for p in params]
-    values = torch.cat([p.detach().abs().flatten() for p in params])
-    cand = torch.unique(values[values > 0]).sort().values
-
-    def ratio_at(t: float) -> float:
-        for p, s in zip(params, saved):
-            p.copy_(torch.where(s.abs() < t, torch.zeros_like(s), s))
-        return structure_macs(model, img_size) / dense_macs
-
-    lo, hi = 0, len(cand)  # smallest index i with ratio_at(cand[i] + eps) <= target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ratio_at(math.nextafter(float(cand[mid]), math.inf)) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    t = math.nextafter(float(cand[min(lo, len(cand) - 1)]), math.inf)
-    ratio_at(t)
-    return t
+    """Zero the smallest ``|factor|`` (one global threshold, :func:`pyengine.structure.solver.
+    threshold`) until the structure's MACs are <= ``target * dense_macs``."""
+    from pyengine.structure.solver import threshold
+    return threshold(model, scale_factors(model), target, dense_macs,
+                     lambda m: structure_macs(m, img_size))
 
 
-# ---- the plug-in of `pyengine prune` ----------------------------------------------------------
+# ---- the method ----------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sss (--method sss)")
-    g.add_argument("--gamma", type=float, default=None,
-                   help="L1 strength on the scale factors: plain SSS, the structure is what the "
-                        "prox zeroes (default: target mode, gamma tuned to reach --target)")
-    g.add_argument("--target-gamma", type=float, default=None,
-                   help="target mode: gamma of the pass (default: auto, so that a factor without "
-                        "gradient support reaches 0 at half of --prune-at of the pass)")
-    g.add_argument("--prune-at", type=float, default=0.5,
-                   help="target mode: fraction of the pass at which the structure is fixed by a "
-                        "final threshold if the prox zeros have not reached --target (default 0.5)")
-    g.add_argument("--apg-lr", type=float, default=0.05, help="APG step size (default 0.05)")
-    g.add_argument("--apg-momentum", type=float, default=0.9)
-    g.add_argument("--sss-signed", dest="sss_nonneg", action="store_false",
-                   help="allow negative factors (default: non-negative, as SSS's reference)")
-    g.add_argument("--sss-dims", action="store_true",
-                   help="also learn a factor per q/k and value dim of each head (ViT)")
-
-
-def _get(args, name, default):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def prune_structure(model: nn.Module, teacher: nn.Module | None, train_loader, val_loader,
-                    args, log=print) -> nn.Module:
+@register_method("sss")
+class SSS(Method):
     """Gate ``model`` with SSS factors, train weights (``fit``) and factors (APG) in one pass,
     and return the gated model with its final hard structure (factor != 0)."""
-    from pyengine.api import gate
-    from pyengine.models.resnet.blocks import is_resnet
-    from pyengine.train.trainer import default_param_groups, fit
 
-    amp = _get(args, "amp", None)
-    if amp == "fp16":
-        raise ValueError("sss: --amp fp16 scales the gradients of the factors too (APG steps "
-                         "outside the grad scaler); use --amp bf16")
-    device = _get(args, "device", "cpu")
-    img_size = _get(args, "img_size", None)
-    if is_resnet(model) and img_size:
-        model.pyengine_img_size = int(img_size)  # what the cost model assumes for this CNN
-    gate(model, method="sss", dims=bool(_get(args, "sss_dims", False)))
-    model.to(device)
-    dense_macs = structure_macs(model, img_size)
-    gamma = _get(args, "gamma", None)
-    target = None if gamma is not None else float(_get(args, "target", 0.5))
-    factors = scale_factors(model)
-    ids = {id(p) for p in factors}
-    wd = float(_get(args, "weight_decay", 0.05))
-    groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]}
-              for g in default_param_groups(model, wd)]
-    groups = [g for g in groups if g["params"]]
-    steps = max(1, int(args.epochs) * len(train_loader))
-    lr_f, mu = float(_get(args, "apg_lr", 0.05)), float(_get(args, "apg_momentum", 0.9))
-    prune_at = float(_get(args, "prune_at", 0.5))
-    if gamma is None:
-        # the L1 pull per step is lr*gamma, about lr*gamma/(1-mu) once momentum builds up:
-        # a factor the loss does not defend goes from 1 to exactly 0 in half of prune_at, so
-        # the prox itself finds zeros well before the threshold fallback
-        gamma = _get(args, "target_gamma", None) or 2 * (1 - mu) / (lr_f * prune_at * steps)
-    apg = APG(factors, lr=lr_f, gamma=float(gamma), momentum=mu,
-              nonneg=bool(_get(args, "sss_nonneg", True)))
-    log(f"sss: {sum(f.numel() for f in factors)} scale factors on APG (lr {lr_f}, gamma "
-        f"{float(gamma):.4g}, momentum {mu}); "
-        + (f"target mode, {target} of dense MACs" if target is not None else "plain SSS"))
-    ctl = SSSController(model, apg, dense_macs, target, img_size, prune_at=prune_at,
-                        check_every=max(1, steps // 100),
-                        tolerance=float(_get(args, "tolerance", 0.03)), log=log)
-    if _get(args, "round_to", None):
-        log("sss: --round-to is not applied (SSS keeps what the prox leaves)")
-    from pathlib import Path
-    out = _get(args, "out", None)
-    fit(model, train_loader, val_loader, epochs=int(args.epochs), lr=float(args.lr),
-        weight_decay=wd, param_groups=groups, grad_clip=_get(args, "grad_clip", None),
-        amp=amp, teacher=teacher, kd_alpha=float(_get(args, "kd_alpha", 0.5)),
-        kd_temperature=float(_get(args, "kd_temperature", 4.0)), on_step=ctl,
-        extra_state={"apg": apg},
-        checkpoint_dir=str(Path(out) / "checkpoints" / "sss") if out else None,
-        resume=bool(_get(args, "resume", False)), seed=int(_get(args, "seed", 0)),
-        device=device, progress=bool(_get(args, "progress", True)),
-        warmup_steps=int(_get(args, "warmup_steps", 0)),
-        log=lambda row: log("sss epoch " + " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())))
-    ctl.finish()
-    model.eval()
-    ratio = structure_macs(model, img_size) / dense_macs
-    zeros = sum(int((p == 0).sum()) for p in factors)
-    log(f"sss: one pass done, {zeros}/{sum(p.numel() for p in factors)} factors exactly zero, "
-        f"MAC ratio {ratio:.4f}")
-    if target is not None and ratio > target * (1 + float(_get(args, "tolerance", 0.03))):
-        t = threshold_to_target(model, target, dense_macs, img_size)
-        ratio = structure_macs(model, img_size) / dense_macs
-        log(f"sss: final threshold |factor| < {t:.4g} -> MAC ratio {ratio:.4f}")
-    model.pyengine_sss = {"dense_macs": dense_macs, "macs_ratio": ratio, "gamma": float(gamma),
-                          "zero_factors": zeros, "fixed": ctl.event, "history": ctl.history}
-    return model
+    @dataclass
+    class Config:
+        gamma: float | None = field(default=None, metadata={
+            "help": "L1 strength on the scale factors: plain SSS, the structure is what the "
+                    "prox zeroes (default: target mode, gamma tuned to reach --target)"})
+        target_gamma: float | None = field(default=None, metadata={
+            "help": "target mode: gamma of the pass (default: auto, so that a factor without "
+                    "gradient support reaches 0 at half of --prune-at of the pass)"})
+        prune_at: float = field(default=0.5, metadata={
+            "help": "target mode: fraction of the pass at which the structure is fixed by a "
+                    "final threshold if the prox zeros have not reached --target (default 0.5)"})
+        apg_lr: float = field(default=0.05, metadata={"help": "APG step size (default 0.05)"})
+        apg_momentum: float = 0.9
+        sss_nonneg: bool = field(default=True, metadata={
+            "flag": "--sss-signed", "action": "store_false",
+            "help": "allow negative factors (default: non-negative, as SSS's reference)"})
+        sss_dims: bool = field(default=False, metadata={
+            "help": "also learn a factor per q/k and value dim of each head (ViT)"})
+
+    def check(self, config: "SSS.Config", ctx: MethodContext) -> None:
+        if ctx.training.amp == "fp16":
+            raise ValueError("sss: --amp fp16 scales the gradients of the factors too (APG steps "
+                             "outside the grad scaler); use --amp bf16")
+        if not 0.0 < config.prune_at <= 1.0:
+            raise ValueError(f"sss: prune_at must be in (0, 1], got {config.prune_at!r}")
+        for name in ("gamma", "target_gamma"):
+            v = getattr(config, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"sss: {name} must be a finite number >= 0, got {v!r}")
+        if not (config.apg_lr > 0 and math.isfinite(config.apg_lr)):
+            raise ValueError(f"sss: apg_lr must be a finite number > 0, got {config.apg_lr!r}")
+        if not 0.0 <= config.apg_momentum < 1.0:
+            raise ValueError(f"sss: apg_momentum must be in [0, 1), got {config.apg_momentum!r}")
+
+    def prune(self, model: nn.Module, config: "SSS.Config", ctx: MethodContext) -> nn.Module:
+        from pyengine.api import gate
+        from pyengine.train.trainer import default_param_groups, fit
+
+        self.check(config, ctx)
+        b, t, log = ctx.budget, ctx.training, ctx.log
+        if ctx.img_size:
+            model.pyengine_img_size = int(ctx.img_size)  # the cost model's input for CNNs
+        gate(model, method="sss", dims=bool(config.sss_dims))
+        model.to(t.device)
+        dense_macs = structure_macs(model)
+        gamma = config.gamma
+        target = None if gamma is not None else float(b.target)
+        factors = scale_factors(model)
+        ids = {id(p) for p in factors}
+        wd = float(t.weight_decay)
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]}
+                  for g in default_param_groups(model, wd)]
+        groups = [g for g in groups if g["params"]]
+        steps = max(1, int(t.epochs) * len(ctx.train_loader))
+        lr_f, mu = float(config.apg_lr), float(config.apg_momentum)
+        prune_at = float(config.prune_at)
+        if gamma is None:
+            # the L1 pull per step is lr*gamma, about lr*gamma/(1-mu) once momentum builds up:
+            # a factor the loss does not defend goes from 1 to exactly 0 in half of prune_at, so
+            # the prox itself finds zeros well before the threshold fallback
+            gamma = config.target_gamma or 2 * (1 - mu) / (lr_f * prune_at * steps)
+        apg = APG(factors, lr=lr_f, gamma=float(gamma), momentum=mu,
+                  nonneg=bool(config.sss_nonneg))
+        log(f"sss: {sum(f.numel() for f in factors)} scale factors on APG (lr {lr_f}, gamma "
+            f"{float(gamma):.4g}, momentum {mu}); "
+            + (f"target mode, {target} of dense MACs" if target is not None else "plain SSS"))
+        ctl = SSSController(model, apg, dense_macs, target, prune_at=prune_at,
+                            check_every=max(1, steps // 100), tolerance=float(b.tolerance),
+                            log=log)
+        if b.round_to:
+            log("sss: --round-to is not applied (SSS keeps what the prox leaves)")
+        fit(model, ctx.train_loader, ctx.val_loader, epochs=int(t.epochs), lr=float(t.lr),
+            weight_decay=wd, param_groups=groups, grad_clip=t.grad_clip, amp=t.amp,
+            teacher=ctx.teacher, kd_alpha=float(t.kd_alpha),
+            kd_temperature=float(t.kd_temperature), on_step=ctl, extra_state={"apg": apg},
+            checkpoint_dir=ctx.checkpoint_dir("sss"), resume=bool(t.resume), seed=int(t.seed),
+            device=t.device, progress=bool(t.progress), warmup_steps=int(t.warmup_steps),
+            log=lambda row: log("sss epoch " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())))
+        ctl.finish()
+        model.eval()
+        ratio = structure_macs(model) / dense_macs
+        zeros = sum(int((p == 0).sum()) for p in factors)
+        log(f"sss: one pass done, {zeros}/{sum(p.numel() for p in factors)} factors exactly "
+            f"zero, MAC ratio {ratio:.4f}")
+        if target is not None and ratio > target * (1 + float(b.tolerance)):
+            thr = threshold_to_target(model, target, dense_macs)
+            ratio = structure_macs(model) / dense_macs
+            log(f"sss: final threshold |factor| < {thr:.4g} -> MAC ratio {ratio:.4f}")
+        model.pyengine_sss = {"dense_macs": dense_macs, "macs_ratio": ratio,
+                              "gamma": float(gamma), "zero_factors": zeros, "fixed": ctl.event,
+                              "history": ctl.history}
+        return model

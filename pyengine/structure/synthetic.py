@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from pyengine.cost.model import attn_macs, mlp_macs, total_macs
+from pyengine.models.vit.cost import attn_macs, mlp_macs, total_macs
 from pyengine.structure.spec import Geometry, Spec, make_block
 
 HEAD_DIMS = (16, 24, 32, 40, 48, 56, 64)

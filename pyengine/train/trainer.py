@@ -174,6 +174,17 @@ def _write_log(log, row: dict) -> None:
 
 # ---------------------------------------------------------------------------- evaluate
 @torch.no_grad()
+def row_printer(tag: str, progress: bool):
+    """fit's ``log``: print each epoch row when there is no progress bar (which shows it)."""
+    if progress:
+        return None
+
+    def show(row: dict) -> None:
+        print(f"[{tag}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in row.items()), flush=True)
+    return show
+
+
 def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu",
              amp: str | None = None) -> float:
     """Top-1 accuracy (percent) of ``model`` over ``loader``; counts are summed over ranks."""

@@ -61,41 +61,31 @@ def add_arguments(p) -> None:
 
 
 def build_model(name: str, num_classes: int, img_size: int):
-    import pyengine
-
-    from pyengine.experiments.limit import digits_mlp, digits_vit_small
-    from pyengine.models.zoo import digits_vit
-    if name == "digits_mlp":
+    """(model, fresh): a built-in or timm model to train here, or a saved one as it is."""
+    from pyengine.experiments.limit import digits_mlp
+    from pyengine.models import load_model
+    if name == "digits_mlp":  # not a timm model: a plain MLP
         return digits_mlp(img_size, num_classes=num_classes), True
-    if name == "digits_vit_small":
-        return digits_vit_small(img_size=img_size, num_classes=num_classes), True
-    if name == "digits_vit":
-        return digits_vit(img_size=img_size, num_classes=num_classes), True
     if Path(name).is_dir():
-        return pyengine.load(name), False
+        return load_model(name), False
     if Path(name).exists():
         raise ValueError(f"--model {name!r} is a file; expected a pyengine.save directory")
-    import timm
-    if not timm.is_model(name):
-        raise ValueError(f"--model {name!r}: not one of {BUILTIN}, not a directory, not a timm "
-                         "model name")
-    try:
-        return pyengine.create_model(name, num_classes=num_classes, img_size=img_size), True
-    except TypeError:  # CNNs take no img_size
-        return pyengine.create_model(name, num_classes=num_classes), True
+    return load_model(name, num_classes=num_classes, img_size=img_size), True
 
 
 def default_img_size(name: str) -> int:
-    """Built-ins have their own; a saved directory's config says what it was built for."""
+    """Built-ins have their own; a saved model is analysed at the size it was built for."""
     if name in DEFAULT_IMG:
         return DEFAULT_IMG[name]
-    cfg = Path(name) / "config.json"
-    if cfg.is_file():
-        size = json.loads(cfg.read_text()).get("kwargs", {}).get("img_size")
-        if isinstance(size, int):
-            return size
-        if isinstance(size, (list, tuple)) and size:
-            return int(size[0])
+    if Path(name).is_dir():
+        from pyengine.models import load_model
+        model = load_model(name)
+        pe = getattr(model, "patch_embed", None)
+        if pe is not None:
+            return int(pe.img_size[0])
+        dense = getattr(getattr(model, "pyengine_spec", None), "dense", None)
+        if getattr(dense, "img_size", 0):
+            return int(dense.img_size)
     return 32
 
 

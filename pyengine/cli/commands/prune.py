@@ -10,19 +10,15 @@ checkpoints/ (the dense weights and the trainer's checkpoints, for ``--resume``)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
-from pyengine.methods.pipeline import METHODS, method_module
+from pyengine.cli.flags import add_dataclass_flags, dataclass_from_flags
+from pyengine.methods.base import Budget, Training, methods
+from pyengine.methods.pipeline import PruneJob
 
 HELP = "learn or score a structure at a MAC target and write a compact model"
 DESCRIPTION = __doc__
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return v
 
 
 def _json_dict(text: str) -> dict:
@@ -56,31 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this many epochs first (default on digits without --checkpoint: the recipe)")
 
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default="hiap", choices=sorted(METHODS))
-    g.add_argument("--target", type=_fraction, default=0.5,
-                   help="kept fraction of dense MACs (default 0.5)")
-    g.add_argument("--tolerance", type=float, default=0.03,
-                   help="final MACs within target * (1 +- tolerance) (default 0.03)")
-    g.add_argument("--epochs", type=int, default=10, help="epochs of structure learning")
-    g.add_argument("--lr", type=float, default=5e-4, help="weight learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--kd-alpha", type=float, default=0.5,
-                   help="distillation weight from the dense model (0: no teacher)")
-    g.add_argument("--kd-temperature", type=float, default=4.0)
-    g.add_argument("--min-heads", type=int, default=1,
-                   help="minimum heads per layer (0 lets a whole attention block go)")
-    g.add_argument("--min-head-dims", type=float, default=0.0,
-                   help="minimum fraction of q/k and of v dims inside a kept head")
-    g.add_argument("--min-ffn", type=float, default=0.0,
-                   help="minimum kept fraction of each FFN (0 lets a whole FFN go)")
-    g.add_argument("--round-to", type=int, default=None, metavar="K",
-                   help="round kept dims per head and neurons per FFN to multiples of K "
-                        "(e.g. 8 for tensor cores)")
+    g.add_argument("--method", default="hiap", choices=sorted(methods()))
+    add_dataclass_flags(g, Budget)
     g.add_argument("--finetune", type=int, default=0,
                    help="epochs of fine-tuning the compact model with distillation")
     g.add_argument("--finetune-lr", type=float, default=None)
+
+    g = p.add_argument_group("training")
+    add_dataclass_flags(g, Training, skip=("device", "progress", "checkpoint_dir", "resume",
+                                           "seed", "amp"))
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory")
@@ -93,18 +73,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false")
 
     seen = set()
-    for method in sorted(METHODS):
-        mod = method_module(method)
-        if mod is not None and mod.__name__ not in seen and hasattr(mod, "add_arguments"):
-            seen.add(mod.__name__)
-            mod.add_arguments(p)
+    for name, method in sorted(methods().items()):
+        if method.Config in seen or not dataclasses.fields(method.Config):
+            continue
+        seen.add(method.Config)
+        users = sorted(n for n, m in methods().items() if m.Config is method.Config)
+        add_dataclass_flags(p.add_argument_group(f"{', '.join(users)} (--method {users[0]}"
+                                                 f"{', ...' if len(users) > 1 else ''})"),
+                            method.Config)
+
+
+def job_from_flags(args) -> PruneJob:
+    """The PruneJob the flags describe."""
+    import torch
+    method = methods()[args.method]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return PruneJob(
+        model=args.model, out=args.out, method=args.method, data=args.data,
+        model_kwargs=args.model_kwargs, checkpoint=args.checkpoint, img_size=args.img_size,
+        batch_size=args.batch_size, workers=args.workers, augment=args.augment,
+        dense_epochs=args.dense_epochs, finetune=args.finetune, finetune_lr=args.finetune_lr,
+        budget=dataclass_from_flags(Budget, args),
+        training=dataclass_from_flags(Training, args, device=device, checkpoint_dir=None),
+        method_config=dataclass_from_flags(method.Config, args))
 
 
 def run(args) -> int:
-    import torch
-
     from pyengine.methods.pipeline import run as prune_run
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    prune_run(args)
+    prune_run(job_from_flags(args))
     return 0

@@ -27,7 +27,7 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pyengine.structure.allocate import MODES
+    from pyengine.structure.solver import MODES
     from pyengine.methods.criteria import CRITERIA
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--arch", default="vit", choices=["vit", "vit_lite", "resnet"])
@@ -51,7 +51,7 @@ def run(args) -> int:
     import torch
 
     from pyengine import api
-    from pyengine.cost.model import cost
+    from pyengine.cost import cost
     from pyengine.train.data import digits, loaders
     from pyengine.methods.oneshot import one_shot
     from pyengine.experiments.route import PRIORS, cross_validate, logits_of, pareto, pick, route_curve

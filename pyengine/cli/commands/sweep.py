@@ -21,7 +21,7 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pyengine.structure.allocate import MODES
+    from pyengine.structure.solver import MODES
     from pyengine.methods.criteria import CRITERIA
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--arch", nargs="+", default=["vit", "resnet"],

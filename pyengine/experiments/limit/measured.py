@@ -168,7 +168,8 @@ def removed_prefix(units: Sequence[Unit], order: Sequence[int], ratio: float) ->
 
 def _vit_spec(model: nn.Module, units: Sequence[Unit], removed: set[int]):
     from pyengine.structure.spec import Block, Head, Spec
-    from pyengine.models.vit.adapter import geometry, model_name
+    from pyengine.models.vit.adapter import geometry
+    from pyengine.models.factory import model_name
     g = geometry(model)
     dims = tuple(range(g.head_dim))
     heads = [[] for _ in range(g.depth)]

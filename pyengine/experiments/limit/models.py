@@ -37,12 +37,4 @@ def digits_mlp(img_size: int = 8, hidden: Sequence[int] = (128, 128),
     return DigitsMLP(img_size, hidden, num_classes)
 
 
-DIGITS_VIT_SMALL = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                        mlp_ratio=4.0, num_classes=10)
-
-
-def digits_vit_small(**overrides) -> nn.Module:
-    """A 2-block timm ViT (2 heads of 32 dims, FFN 256) over 4x4 patches of 16x16 digits:
-    ~100k weights, so 64 Lanczos steps over the training set take minutes on one core."""
-    from pyengine.models.vit.adapter import create_model
-    return create_model("vit_tiny_patch16_224", **{**DIGITS_VIT_SMALL, **overrides})
+from pyengine.models.zoo import DIGITS_VIT_SMALL, digits_vit_small  # noqa: E402,F401

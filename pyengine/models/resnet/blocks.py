@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from pyengine.models.vit.gated import UnsupportedModuleError
+from pyengine.models.base import UnsupportedModuleError
 from pyengine.structure.gates import Gates
 from pyengine.structure.spec import CnnGeometry, CnnSpec, ConvBlock, SpecError, make_conv_block
 
@@ -339,19 +339,3 @@ def build(container: nn.Module, s: CnnSpec, copy_weights: bool) -> nn.Module:
             st[b] = compact_block(st[b], bs, copy_weights)
     container.pyengine_spec = s
     return container
-
-
-def is_compact(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "pyengine_spec", None), CnnSpec)
-
-
-def dense_config(model: nn.Module, name: str | None) -> dict:
-    cfg = getattr(model, "pyengine_config", None)
-    if cfg:
-        return {"architecture": cfg["architecture"], "kwargs": dict(cfg["kwargs"])}
-    if name is None:
-        raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create it "
-                         "with pyengine.create_model(name, **kwargs) so it can be saved")
-    g = geometry(model)
-    return {"architecture": name, "kwargs": {"num_classes": g.num_classes,
-                                             "in_chans": g.in_chans}}

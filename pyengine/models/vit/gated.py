@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyengine.models.base import UnsupportedModuleError
 from pyengine.structure.gates import Gates
 
 
-class UnsupportedModuleError(TypeError):
-    """A module pyengine cannot gate or compile."""
 
 
 def _require(cond: bool, module: nn.Module, what: str, supported: str) -> None:

@@ -1,0 +1,211 @@
+"""The method interface: how a structure is found, one way for every method.
+
+A method takes a dense model and returns it gated (``pyengine.gate``) with its final hard
+structure fixed. It is told three things, each a dataclass:
+
+* :class:`Budget`   what structure to reach (the MAC target and its feasibility constraints),
+  shared by every method;
+* :class:`Training` how weights train while a learned method runs (epochs, lr, distillation,
+  device, checkpoints), shared by every learned method and the fine-tuning;
+* ``Method.Config`` the method's own options (HiAP's temperatures, SSS's gamma, a criterion's
+  calibration batches), one dataclass per method.
+
+Adding a method::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        @dataclass
+        class Config:
+            strength: float = field(default=1.0, metadata={"help": "how hard to push"})
+
+        def prune(self, model, config, ctx):
+            pyengine.gate(model, method="mask")
+            ...                                    # ctx.budget, ctx.training, ctx.train_loader
+            pyengine.apply(model, spec)
+            return model
+
+Its options then appear as ``pyengine prune --method mymethod --strength 2`` (the command line
+builds its flags from the dataclass fields and their ``help`` metadata), and
+:func:`run_method` takes them as keyword arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["Budget", "Training", "MethodContext", "Method", "register_method", "get_method",
+           "methods", "run_method", "split_options", "check_config"]
+
+
+@dataclass
+class Budget:
+    """The structure to reach: ``target`` of the dense model's MACs, within ``tolerance``."""
+
+    target: float = field(default=0.5, metadata={
+        "help": "kept fraction of dense MACs (default 0.5)", "type": "fraction"})
+    tolerance: float = field(default=0.03, metadata={
+        "help": "final MACs within target * (1 +- tolerance) (default 0.03)"})
+    min_heads: int = field(default=1, metadata={
+        "help": "minimum heads per layer (0 lets a whole attention block go)"})
+    min_head_dims: float = field(default=0.0, metadata={
+        "help": "minimum fraction of q/k and of v dims inside a kept head"})
+    min_ffn: float = field(default=0.0, metadata={
+        "help": "minimum kept fraction of each FFN (0 lets a whole FFN go)"})
+    round_to: int | None = field(default=None, metadata={
+        "help": "round kept dims per head and neurons per FFN to multiples of K (e.g. 8 for "
+                "tensor cores)", "metavar": "K"})
+
+
+@dataclass
+class Training:
+    """How weights train while a learned method runs (and in fine-tuning)."""
+
+    epochs: int = field(default=10, metadata={"help": "epochs of structure learning"})
+    lr: float = field(default=5e-4, metadata={"help": "weight learning rate"})
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    kd_alpha: float = field(default=0.5, metadata={
+        "help": "distillation weight from the dense model (0: no teacher)"})
+    kd_temperature: float = 4.0
+    amp: str | None = field(default=None, metadata={"choices": ["bf16", "fp16"]})
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    checkpoint_dir: str | None = None  # each method checkpoints into a folder of its own here
+    resume: bool = False
+
+
+@dataclass
+class MethodContext:
+    """What a method is handed besides the model and its own config."""
+
+    budget: Budget = field(default_factory=Budget)
+    training: Training = field(default_factory=Training)
+    teacher: nn.Module | None = None
+    train_loader: Any = None
+    val_loader: Any = None
+    log: Callable[[str], None] = print
+    img_size: int | None = None  # the input side (the cost model's input for CNNs)
+
+    def checkpoint_dir(self, name: str) -> str | None:
+        d = self.training.checkpoint_dir
+        return None if d is None else f"{d.rstrip('/')}/{name}"
+
+
+class Method:
+    """A way of finding a structure. Subclasses set ``Config`` and implement :meth:`prune`."""
+
+    name = "base"
+
+    @dataclass
+    class Config:
+        pass
+
+    def prune(self, model: nn.Module, config, ctx: MethodContext) -> nn.Module:
+        """Return ``model`` gated with its final hard structure fixed (in place is fine)."""
+        raise NotImplementedError
+
+    def check(self, config, ctx: MethodContext) -> None:
+        """Reject settings this method cannot run with, before any work starts."""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, **init):
+    """Class decorator: make a :class:`Method` subclass available as ``name``."""
+    def deco(cls):
+        obj = cls(**init)
+        obj.name = name
+        _METHODS[name] = obj
+        return cls
+    return deco
+
+
+def _load_builtin() -> None:
+    from pyengine.methods import hiap, oneshot, sss  # noqa: F401  (they register themselves)
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name."""
+    _load_builtin()
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    known = methods()
+    if name not in known:
+        raise ValueError(f"unknown pruning method {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_options(method: Method, options: dict[str, Any]) -> tuple[Budget, Training, Any]:
+    """Keyword options -> (Budget, Training, method config), by field name; an unknown option
+    is a TypeError that lists the known ones."""
+    parts = {Budget: {}, Training: {}, method.Config: {}}
+    for k, v in options.items():
+        for cls in (method.Config, Budget, Training):
+            if k in _fields(cls):
+                parts[cls][k] = v
+                break
+        else:
+            known = sorted(_fields(Budget) | _fields(Training) | _fields(method.Config))
+            raise TypeError(f"{method.name}: unknown option {k!r}; known: {', '.join(known)}")
+    return Budget(**parts[Budget]), Training(**parts[Training]), method.Config(**parts[method.Config])
+
+
+def check_config(budget: Budget, training: Training) -> None:
+    """Reject bad shared settings with one message naming the setting, before any work."""
+    def bad(name, value, want):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    if not isinstance(budget.target, (int, float)) or not 0.0 < budget.target <= 1.0:
+        bad("target", budget.target, "a fraction of dense MACs in (0, 1]")
+    if not 0.0 <= budget.tolerance < 1.0:
+        bad("tolerance", budget.tolerance, "in [0, 1)")
+    if not isinstance(budget.min_heads, int) or budget.min_heads < 0:
+        bad("min_heads", budget.min_heads, "an integer >= 0")
+    for name in ("min_head_dims", "min_ffn"):
+        v = getattr(budget, name)
+        if not 0.0 <= v <= 1.0:
+            bad(name, v, "a fraction in [0, 1]")
+    if budget.round_to is not None and (not isinstance(budget.round_to, int)
+                                        or budget.round_to < 1):
+        bad("round_to", budget.round_to, "a positive integer")
+    if not isinstance(training.epochs, int) or training.epochs < 0:
+        bad("epochs", training.epochs, "an integer >= 0")
+    for name in ("lr", "weight_decay", "kd_temperature"):
+        v = getattr(training, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                name != "weight_decay" and v == 0):
+            bad(name, v, "a finite number > 0" if name != "weight_decay" else "finite and >= 0")
+    if not 0.0 <= training.kd_alpha <= 1.0:
+        bad("kd_alpha", training.kd_alpha, "in [0, 1]")
+    if training.grad_clip is not None and not (training.grad_clip > 0):
+        bad("grad_clip", training.grad_clip, "> 0")
+    if training.amp not in (None, "bf16", "fp16"):
+        bad("amp", training.amp, "None, 'bf16' or 'fp16'")
+
+
+def run_method(model: nn.Module, method: str, train_loader=None, val_loader=None, *,
+               teacher: nn.Module | None = None, log: Callable[[str], None] = print,
+               img_size: int | None = None, **options) -> nn.Module:
+    """Run ``method`` on ``model`` (gated in place, structure fixed); ``options`` are fields of
+    :class:`Budget`, :class:`Training` or the method's ``Config``::
+
+        run_method(model, "sss", loader, target=0.6, epochs=2, gamma=None)
+    """
+    m = get_method(method)
+    budget, training, config = split_options(m, options)
+    check_config(budget, training)
+    ctx = MethodContext(budget, training, teacher, train_loader, val_loader, log, img_size)
+    m.check(config, ctx)
+    return m.prune(model, config, ctx)

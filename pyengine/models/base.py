@@ -1,0 +1,167 @@
+"""The architecture adapter: everything pyengine needs to know about one model family.
+
+The public API (gate, spec, apply, compile, save, load, cost) and the methods never look at a
+model's type themselves; they ask :func:`adapter_for` for the family's adapter and call it.
+Adding a model family means writing one :class:`Adapter` subclass and registering it::
+
+    @register_adapter
+    class SwinAdapter(Adapter):
+        name = "swin"
+        spec_type = SwinSpec
+        def supports(self, model): ...     # None, or why this adapter does not take the model
+        def geometry(self, model): ...     # the dense shape a spec is checked against
+        def gate(self, model, make_gates): ...
+        ...
+
+An adapter method takes the whole model; the per-layer details (gated and compact modules,
+cost rows, importance units) live in the family's own sub-package (models/vit, models/resnet).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from torch import nn
+
+__all__ = ["Adapter", "UnsupportedModuleError", "register_adapter", "adapter_for",
+           "adapter_for_spec", "adapters"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A model or module that pyengine cannot gate, compile or cost."""
+
+
+class Adapter:
+    """One model family. Subclasses implement every method below for their family."""
+
+    name = "base"
+    spec_type: type = object      # the Spec class of this family (Spec, CnnSpec, ...)
+    spec_label = "spec"           # how errors call it ("ViT spec (blocks)")
+    geometry_type: type = object  # its dense geometry class
+    supported = ""                # one line for error messages: which timm models
+
+    # ---- recognising ---------------------------------------------------------------------
+    def supports(self, model: nn.Module) -> str | None:
+        """None when this adapter handles ``model`` (dense, gated or compact), else why not."""
+        raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModuleError` early when a part of ``model`` cannot be gated."""
+
+    # ---- structure -------------------------------------------------------------------------
+    def geometry(self, model: nn.Module):
+        """The dense geometry of ``model`` (gated or not; compact models carry theirs in the
+        spec)."""
+        raise NotImplementedError
+
+    def is_gated(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def is_compact(self, model: nn.Module) -> bool:
+        return isinstance(getattr(model, "pyengine_spec", None), self.spec_type)
+
+    def gate(self, model: nn.Module, make_gates: Callable[[Mapping], Any]) -> None:
+        """In place: swap the prunable parts for gated modules built with ``make_gates``."""
+        raise NotImplementedError
+
+    def gate_sets(self, model: nn.Module) -> list:
+        """Every gate set (a :class:`~pyengine.structure.gates.Gates`) of a gated model."""
+        raise NotImplementedError
+
+    def spec(self, model: nn.Module, name: str | None):
+        """The current hard structure of a gated model, or the full spec of a dense one."""
+        raise NotImplementedError
+
+    def full_spec(self, geometry, name: str | None):
+        return self.spec_type.full(geometry, model=name)
+
+    def apply(self, model: nn.Module, spec, name: str | None) -> None:
+        """Fix the gates of a gated model to ``spec`` (validated against its geometry)."""
+        raise NotImplementedError
+
+    def fold_gates(self, model: nn.Module) -> None:
+        """In place: multiply real-valued gate values into the weights (for compile)."""
+        raise NotImplementedError
+
+    def build(self, container: nn.Module, spec, copy_weights: bool) -> nn.Module:
+        """Replace the prunable parts of ``container`` (dense, or gated with folded gates) by
+        compact modules for ``spec``; copy the kept weights if asked. Sets
+        ``container.pyengine_spec``."""
+        raise NotImplementedError
+
+    def skeleton_spec(self, spec, geometry, name: str):
+        """``spec`` checked against the geometry of a freshly built dense model (save/load)."""
+        raise NotImplementedError
+
+    def dense_config(self, model: nn.Module, name: str | None) -> dict:
+        """``{"architecture", "kwargs"}`` that rebuild the dense container with timm."""
+        raise NotImplementedError
+
+    # ---- cost and importance -----------------------------------------------------------------
+    def cost(self, model_or_spec, batch: int, dtype, peaks, **options):
+        """Per-layer cost rows (see :mod:`pyengine.cost.model`)."""
+        raise NotImplementedError
+
+    def ledger(self, geometry, model: str | None, **constraints):
+        """The structure solver's ledger for this family (see :mod:`pyengine.structure.solver`)."""
+        raise NotImplementedError
+
+    def importance(self, model: nn.Module):
+        """The importance units of ``model`` (see :mod:`pyengine.models.importance`)."""
+        raise NotImplementedError
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make a model family known to pyengine."""
+    _ADAPTERS.append(cls())
+    return cls
+
+
+def adapters() -> list[Adapter]:
+    _load_builtin()
+    return list(_ADAPTERS)
+
+
+def _load_builtin() -> None:
+    # the built-in families register themselves on import
+    from pyengine.models import resnet, vit  # noqa: F401
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family; the error lists why each family declined it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch nn.Module (a timm model), got {type(model).__name__}")
+    reasons = []
+    for a in adapters():
+        why = a.supports(model)
+        if why is None:
+            return a
+        reasons.append(f"{a.name}: {why}")
+    raise UnsupportedModuleError(
+        f"pyengine cannot prune {type(model).__module__}.{type(model).__name__}: "
+        + "; ".join(reasons))
+
+
+def adapter_for_spec(spec: Any) -> Adapter:
+    """The adapter whose spec type ``spec`` is."""
+    for a in adapters():
+        if isinstance(spec, a.spec_type):
+            return a
+    raise TypeError(f"expected a pyengine spec ({', '.join(a.spec_type.__name__ for a in adapters())}),"
+                    f" got {type(spec).__name__}")
+
+
+def adapter_for_geometry(geometry: Any) -> Adapter:
+    """The adapter whose dense geometry type ``geometry`` is."""
+    for a in adapters():
+        if isinstance(geometry, a.geometry_type):
+            return a
+    raise TypeError(f"expected a dense geometry ("
+                    f"{', '.join(a.geometry_type.__name__ for a in adapters())}), got "
+                    f"{type(geometry).__name__}")
+
+
+def names(models: Iterable[Adapter]) -> str:
+    return ", ".join(a.name for a in models)

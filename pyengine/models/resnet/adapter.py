@@ -1,0 +1,85 @@
+"""The adapter of timm ResNets (BasicBlock and Bottleneck blocks).
+
+Structure units: per residual block, the output channels of each inner conv and the block's
+residual branch as a whole (:class:`~pyengine.structure.spec.CnnSpec`). The gated, compact and
+removed blocks are in :mod:`.blocks`, costs in :mod:`.cost`, importance units in
+:mod:`.importance`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from pyengine.models.base import Adapter, register_adapter
+from pyengine.models.factory import remembered_config
+from pyengine.models.resnet import blocks
+from pyengine.structure.spec import CnnGeometry, CnnSpec, SpecError
+
+
+@register_adapter
+class ResNetAdapter(Adapter):
+    name = "resnet"
+    spec_type = CnnSpec
+    spec_label = "CNN spec (stages)"
+    geometry_type = CnnGeometry
+    supported = blocks.SUPPORTED
+
+    def supports(self, model: nn.Module) -> str | None:
+        return None if blocks.is_resnet(model) else "not a timm ResNet"
+
+    def check(self, model: nn.Module) -> None:
+        blocks.geometry(model)
+
+    def geometry(self, model: nn.Module) -> CnnGeometry:
+        return blocks.geometry(model)
+
+    def is_gated(self, model: nn.Module) -> bool:
+        return blocks.is_gated(model)
+
+    def gate(self, model: nn.Module, make_gates) -> None:
+        blocks.gate(model, make_gates)
+
+    def gate_sets(self, model: nn.Module) -> list:
+        if not blocks.is_gated(model):
+            raise ValueError("model is not gated: call pyengine.gate(model) first")
+        return [m.gates for m in model.modules() if isinstance(m, blocks.GatedResBlock)]
+
+    def spec(self, model: nn.Module, name: str | None) -> CnnSpec:
+        return blocks.spec(model, name)
+
+    def apply(self, model: nn.Module, s: CnnSpec, name: str | None) -> None:
+        blocks.apply(model, s, name)
+
+    def fold_gates(self, model: nn.Module) -> None:
+        blocks.fold_gates(model)
+
+    def build(self, container: nn.Module, s: CnnSpec, copy_weights: bool) -> nn.Module:
+        return blocks.build(container, s, copy_weights)
+
+    def skeleton_spec(self, s: CnnSpec, g: CnnGeometry, name: str) -> CnnSpec:
+        if s.dense is not None and s.dense != g:
+            raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
+        s.check_geometry(g, name)
+        return CnnSpec(s.stages, model=s.model or name, dense=s.dense or g, meta=s.meta)
+
+    def dense_config(self, model: nn.Module, name: str | None) -> dict:
+        cfg = remembered_config(model)
+        if cfg:
+            return cfg
+        if name is None:
+            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
+                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
+        g = blocks.geometry(model)
+        return {"architecture": name, "kwargs": {"num_classes": g.num_classes,
+                                                 "in_chans": g.in_chans}}
+
+    def cost(self, model_or_spec, rows, batch: int, **options) -> str:
+        from pyengine.models.resnet.cost import cost_rows
+        return cost_rows(model_or_spec, rows, batch, **options)
+
+    def ledger(self, g: CnnGeometry, model: str | None, **constraints):
+        from pyengine.models.resnet.ledger import CnnLedger
+        return CnnLedger(g, model, **constraints)
+
+    def importance(self, model: nn.Module):
+        from pyengine.models.resnet.importance import ResNetUnits
+        return ResNetUnits(model)
