@@ -3,8 +3,11 @@ batch 8, float32, against dense timm on this machine.
 
     python bench/cpu_compact_speedup.py --out bench/results/cpu
 
-Writes <out>/compact_speedup_<model>_b<batch>.json (every measurement, the specs' shapes and
-the environment) and prints a log; run it with `| tee <out>/...log` to keep the raw log.
+Timing: pyengine's one harness (pyengine.measure.timing, through
+pyengine.experiments.demo.compact_vs_dense: dense and compact interleaved, median, IQR, the
+speedup with its paired spread). Writes <out>/compact_speedup_<model>_b<batch>.json (every
+measurement, the specs' shapes and the environment record) and prints a log; run it with
+`| tee <out>/...log` to keep the raw log.
 Target (issue #2): measured speedup / (dense MACs / compact MACs) >= 0.75.
 """
 import argparse
@@ -17,7 +20,7 @@ import torch
 from pyengine.experiments.demo import compact_vs_dense, format_table
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--target", type=float, default=0.5)
@@ -26,7 +29,7 @@ def main():
     p.add_argument("--specs", type=int, default=3, help="number of random heterogeneous specs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench/results/cpu")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     runs = []
@@ -43,6 +46,7 @@ def main():
                "speedup_per_mac_reduction_median": statistics.median(ratios),
                "speedup_per_mac_reduction_min": min(ratios),
                "speedups": [r["speedup"] for r in runs],
+               "speedups_paired_p25_p75": [[r["speedup_p25"], r["speedup_p75"]] for r in runs],
                "macs_ratios": [r["macs_ratio"] for r in runs],
                "threshold": 0.75, "passes": min(ratios) >= 0.75}
     print("--- summary")

@@ -5,23 +5,24 @@ backend="torch" choice of pyengine.ops on a CPU).
 
 deit_small-sized shapes (batch 8, 197 tokens, heterogeneous heads, 50% of the FFN kept, the
 importance statistics of 12 layers at once). Each (case, backend) pair is timed interleaved
-(round robin, so load from other processes hits both alike): median/min/max of --repeats
-calls after warm-up, with the max abs difference to the reference. Writes cpu_csrc.json and
-the raw log cpu_csrc.log under --out.
+by pyengine's one harness (pyengine.measure.timing: round robin, so load from other processes
+hits both alike): median/IQR/min of --repeats calls after warm-up, the speedup with its paired
+spread, and the max abs difference to the reference. Writes cpu_csrc.json (with the harness's
+environment record) and the raw log cpu_csrc.log under --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from pyengine.ops import _csrc, _ext
+from pyengine.io.atomic import write_text
+from pyengine.measure.timing import environment, measure
+from pyengine.ops import _csrc
 from pyengine.ops.importance import importance_reduce_reference
 from pyengine.ops.masked_ffn import masked_ffn_reference
 from pyengine.ops.varlen_attention import varlen_attention_reference
@@ -64,7 +65,7 @@ def diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -72,45 +73,32 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/cpu")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "threads": a.threads, "cpu_count": os.cpu_count(), "extension": _ext.describe(),
-           "load_avg_start": os.getloadavg()}
+    env = environment("cpu")
     log(f"== cpu_csrc {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {json.dumps(env)}")
     rows = []
     for op, name, ref_fn, cpp_fn in cases(a.batch):
         err = diff(cpp_fn(), ref_fn())
-        fns = {"torch": ref_fn, "cpu": cpp_fn}
-        for _ in range(a.warmup):
-            for f in fns.values():
-                f()
-        ms = {b: [] for b in fns}
-        for _ in range(a.repeats):
-            for b, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                ms[b].append((time.perf_counter() - t0) * 1e3)
-        for b in fns:
-            row = {"op": op, "case": name, "backend": b, "median_ms": statistics.median(ms[b]),
-                   "min_ms": min(ms[b]), "max_ms": max(ms[b]), "repeats": a.repeats,
+        s = measure({"torch": ref_fn, "cpu": cpp_fn}, a.warmup, a.repeats, "cpu")
+        speedup = s.ratio("torch", "cpu")
+        for b, st in s.stats().items():
+            row = {"op": op, "case": name, "backend": b, **st,
                    "max_abs_diff_vs_torch": err if b == "cpu" else 0.0}
+            if b == "cpu":
+                row["speedup_vs_torch"] = speedup
             rows.append(row)
             log(f"{op:24s} {name:45s} {b:6s} median {row['median_ms']:9.3f} ms  "
-                f"(min {row['min_ms']:.3f}, max {row['max_ms']:.3f})"
+                f"(IQR {row['iqr_ms']:.3f}, min {row['min_ms']:.3f})"
                 + (f"  max|cpu - torch| {err:.2e}" if b == "cpu" else ""))
-        med = {r["backend"]: r["median_ms"] for r in rows[-2:]}
-        log(f"{op:24s} speedup cpu vs torch (median): {med['torch'] / med['cpu']:.2f}x")
-    env["load_avg_end"] = os.getloadavg()
+        log(f"{op:24s} speedup cpu vs torch (median): {speedup['ratio']:.2f}x "
+            f"(paired p25-p75 {speedup['p25']:.2f}-{speedup['p75']:.2f})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("cpu_csrc.json", json.dumps({"env": env, "rows": rows}, indent=2) + "\n"),
-                       ("cpu_csrc.log", "\n".join(LOG) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
     log(f"wrote {out / 'cpu_csrc.json'}")
-    (out / "cpu_csrc.log").write_text("\n".join(LOG) + "\n")
+    write_text(out / "cpu_csrc.json", json.dumps(
+        {"env": env, "loadavg_end": os.getloadavg()[0], "rows": rows}, indent=2) + "\n")
+    write_text(out / "cpu_csrc.log", "\n".join(LOG) + "\n")
 
 
 if __name__ == "__main__":

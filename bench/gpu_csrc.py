@@ -12,8 +12,8 @@ float32) it
      reference computed in float64 on the same rounded inputs, on odd shapes too (head dims
      1/7/40, qk dim 0, no kept neurons, 197 tokens);
   2. times the backends "cuda" (csrc), "triton" (pyengine.ops.<op>(..., backend="triton")) and
-     "torch" (the reference) on ViT-sized shapes with CUDA events: warm-up, then the median,
-     min and max of --repeats runs.
+     "torch" (the reference) on ViT-sized shapes, interleaved, with pyengine's one harness
+     (pyengine.measure.timing: CUDA events, warm-up, median, IQR and min of --repeats runs).
 A backend that is not available is recorded with the reason, not skipped silently. Writes
 gpu_csrc_<gpu>.json and the raw log gpu_csrc_<gpu>.log (every printed line) under --out.
 Exit status 1 when any CUDA check fails.
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from pyengine.ops import _csrc, _ext
 from pyengine.ops.importance import importance_reduce_reference
 from pyengine.ops.masked_ffn import masked_ffn_reference
 from pyengine.io.atomic import write_text
+from pyengine.measure.timing import environment, measure
 from pyengine.ops.varlen_attention import varlen_attention_reference
 
 LOG: list[str] = []
@@ -44,18 +43,6 @@ TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
 def log(msg: str = "") -> None:
     print(msg, flush=True)
     LOG.append(msg)
-
-
-def _env() -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "extension": _ext.describe(),
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -194,22 +181,6 @@ def run_checks(small: bool) -> tuple[list[dict], bool]:
 
 
 # ------------------------------------------------------------------------------ timing
-def time_fn(fn, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ms.append(s.elapsed_time(e))
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
-            "repeats": repeats}
-
-
 def bench_cases():
     vit_s_mixed = ([64, 56, 48, 40, 32, 16], [64, 64, 48, 40, 24, 16])
     vit_b_half = ([32] * 12, [32] * 12)
@@ -230,22 +201,46 @@ def bench_cases():
 
 
 def run_timings(warmup: int, repeats: int) -> list[dict]:
+    """Per case and dtype, the backends that run are timed interleaved by the one harness
+    (pyengine.measure.timing: CUDA events, round robin); one that fails is recorded as
+    unavailable with the reason."""
     rows = []
+    dev = torch.device("cuda")
     for dtype in (torch.bfloat16, torch.float32):
         for op, name, make in bench_cases():
             args = make(dtype)
+            fns, rs = {}, {}
             for backend in ("cuda", "triton", "torch"):
                 row = {"op": op, "case": name, "dtype": str(dtype).split(".")[-1],
                        "backend": backend}
+                fn = (lambda b=backend: RUN[op](b, *args))
                 try:
-                    row.update(time_fn(lambda: RUN[op](backend, *args), warmup, repeats))
-                    msg = f"{row['median_ms']:.4f} ms (min {row['min_ms']:.4f}, max {row['max_ms']:.4f})"
+                    fn()
+                    torch.cuda.synchronize()
+                    fns[backend] = fn
                 except Exception as e:  # noqa: BLE001
                     row["unavailable"] = f"{type(e).__name__}: {e}"
+                rs[backend] = row
+                rows.append(row)
+            try:
+                stats = measure(fns, warmup, repeats, dev, inference=False).stats() if fns else {}
+            except Exception:  # noqa: BLE001  one backend failed mid-way: time them one by one
+                stats = {}
+                for backend, fn in fns.items():
+                    try:
+                        stats.update(measure({backend: fn}, warmup, repeats, dev,
+                                             inference=False).stats())
+                    except Exception as e:  # noqa: BLE001
+                        rs[backend]["unavailable"] = f"{type(e).__name__}: {e}"
+            for backend, row in rs.items():
+                if backend in stats:
+                    row.update(stats[backend])
+                    msg = (f"{row['median_ms']:.4f} ms (IQR {row['iqr_ms']:.4f}, "
+                           f"min {row['min_ms']:.4f})")
+                else:
                     msg = "unavailable: " + row["unavailable"][:160]
                 log(f"time  {op:24s} {row['dtype']:9s} {name:42s} {backend:7s} {msg}")
-                rows.append(row)
-            del args
+            del args, fns
             torch.cuda.empty_cache()
     return rows
 
@@ -263,7 +258,7 @@ def main() -> int:
         print("bench/gpu_csrc.py needs a CUDA GPU (torch.cuda.is_available() is False)",
               file=sys.stderr)
         return 2
-    env = _env()
+    env = environment("cuda")
     log(f"== gpu_csrc {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {json.dumps(env)}")
     if not _ext.has_cuda_kernels():
         log(f"== FAIL: {_ext.describe()}: build pyengine._C with a CUDA toolkit first")

@@ -21,7 +21,9 @@ What it measures (every number printed goes to the .log; the JSON holds the same
 4. batched importance reduction (every layer of a ViT-S, activations and gradients, one call)
    in bytes read per second vs the measured copy bandwidth (read + write of a large buffer;
    target: >= 70%).
-Timings: triton.testing.do_bench (L2 flushed between runs), median in ms.
+Timings: pyengine's one harness (pyengine.measure.timing): the variants of one comparison are
+timed interleaved (round robin), CUDA events around one call per sample, the L2 cache flushed
+before every sample, warm-up, median (and IQR, in the "stats" entries) in ms.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from pyengine import ops
 from pyengine.io.atomic import write_text
+from pyengine.measure.timing import compare, environment
 
 LOG: list[str] = []
 
@@ -48,33 +50,16 @@ def log(msg: str = "") -> None:
     LOG.append(msg)
 
 
-def _env(device) -> dict:
-    import triton
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "triton": triton.__version__,
-           "device": str(device),
-           "interpret": os.environ.get("TRITON_INTERPRET", "0"),
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=torch.cuda.get_device_name(device), sms=p.multi_processor_count,
-                   memory_gib=round(p.total_memory / 2 ** 30, 1))
-    return env
+# the harness's settings: set by main() (GPU: many samples, L2 flushed before each; CPU smoke
+# test: a few)
+TIMING = {"warmup": 10, "repeats": 50}
 
 
-def bench_ms(fn, device, grad_to_none=None) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                             return_mode="median"))
-    fn()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[1]
+def timed(fns: dict, device) -> dict:
+    """The callables timed interleaved by the one harness (pyengine.measure.timing), autograd
+    on, the L2 cache flushed before every sample on a GPU; ``{name: {median_ms, iqr_ms, ...}}``."""
+    return compare(fns, TIMING["warmup"], TIMING["repeats"], device,
+                   flush_l2=device.type == "cuda", inference=False)
 
 
 def rel_err(got, ref) -> float:
@@ -157,27 +142,17 @@ def time_attention(name, qk, vd, B, N, dtype, device, with_sdpa: bool) -> dict:
     flops = _attn_flops(B, N, qk, vd)
     r = {"layer": name, "qk_dims": qk, "v_dims": vd, "batch": B, "tokens": N,
          "dtype": str(dtype).replace("torch.", ""), "flops": flops}
-    r["triton_fwd_ms"] = bench_ms(
-        lambda: ops.varlen_attention(q, k, v, qk, vd, scales, backend="triton"), device)
-    # the same kernel with one launch per tile shape instead of one per layer (MAX_BUCKETS=1)
     from pyengine.kernels import varlen_attention as KV
-    saved, KV.MAX_BUCKETS = KV.MAX_BUCKETS, 1
-    try:
-        r["triton_launch_per_bucket_fwd_ms"] = bench_ms(
-            lambda: ops.varlen_attention(q, k, v, qk, vd, scales, backend="triton"), device)
-    finally:
-        KV.MAX_BUCKETS = saved
-    r["torch_ref_fwd_ms"] = bench_ms(
-        lambda: ops.varlen_attention(q, k, v, qk, vd, scales, backend="torch"), device)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    do = torch.randn(B, N, sum(vd), device=device, dtype=dtype)
 
-    def fwd_bwd(backend):
-        out = ops.varlen_attention(*leaves, qk, vd, scales, backend=backend)
-        torch.autograd.grad(out, leaves, do)
-    r["triton_fwd_bwd_ms"] = bench_ms(lambda: fwd_bwd("triton"), device)
-    r["torch_ref_fwd_bwd_ms"] = bench_ms(lambda: fwd_bwd("torch"), device)
-    r["triton_tflops"] = flops / r["triton_fwd_ms"] / 1e9
+    def per_bucket():  # the same kernel, one launch per tile shape instead of one per layer
+        saved, KV.MAX_BUCKETS = KV.MAX_BUCKETS, 1
+        try:
+            return ops.varlen_attention(q, k, v, qk, vd, scales, backend="triton")
+        finally:
+            KV.MAX_BUCKETS = saved
+    fwd = {"triton": lambda: ops.varlen_attention(q, k, v, qk, vd, scales, backend="triton"),
+           "triton_launch_per_bucket": per_bucket,
+           "torch_ref": lambda: ops.varlen_attention(q, k, v, qk, vd, scales, backend="torch")}
     if with_sdpa:
         H = len(qk)
         # (a) uniform head dim 64 with the same FLOPs: sum(dq + dv) / 128 heads
@@ -185,14 +160,33 @@ def time_attention(name, qk, vd, B, N, dtype, device, with_sdpa: bool) -> dict:
         uq, uk, uv = (mk(B, Hu, N, 64) for _ in range(3))
         uflops = _attn_flops(B, N, [64] * Hu, [64] * Hu)
         r["sdpa_uniform"] = {"heads": Hu, "head_dim": 64, "flops": uflops}
-        r["sdpa_uniform"]["ms"] = bench_ms(lambda: _sdpa_flash(uq, uk, uv), device)
-        r["sdpa_uniform"]["tflops"] = uflops / r["sdpa_uniform"]["ms"] / 1e9
-        r["flops_ratio_vs_sdpa_uniform"] = r["triton_tflops"] / r["sdpa_uniform"]["tflops"]
         # (b) every head zero-padded to the layer maximum (multiple of 8 for flash)
         Dp = 8 * math.ceil(max(max(qk), max(vd)) / 8)
         pq, pk, pv = (mk(B, H, N, Dp) for _ in range(3))
         r["sdpa_padded"] = {"heads": H, "head_dim": Dp}
-        r["sdpa_padded"]["ms"] = bench_ms(lambda: _sdpa_flash(pq, pk, pv), device)
+        fwd["sdpa_uniform"] = lambda: _sdpa_flash(uq, uk, uv)
+        fwd["sdpa_padded"] = lambda: _sdpa_flash(pq, pk, pv)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    do = torch.randn(B, N, sum(vd), device=device, dtype=dtype)
+
+    def fwd_bwd(backend):
+        out = ops.varlen_attention(*leaves, qk, vd, scales, backend=backend)
+        torch.autograd.grad(out, leaves, do)
+    st = timed(fwd, device)
+    st_b = timed({"triton": lambda: fwd_bwd("triton"), "torch_ref": lambda: fwd_bwd("torch")},
+                 device)
+    r["stats_fwd"], r["stats_fwd_bwd"] = st, st_b
+    r["triton_fwd_ms"] = st["triton"]["median_ms"]
+    r["triton_launch_per_bucket_fwd_ms"] = st["triton_launch_per_bucket"]["median_ms"]
+    r["torch_ref_fwd_ms"] = st["torch_ref"]["median_ms"]
+    r["triton_fwd_bwd_ms"] = st_b["triton"]["median_ms"]
+    r["torch_ref_fwd_bwd_ms"] = st_b["torch_ref"]["median_ms"]
+    r["triton_tflops"] = flops / r["triton_fwd_ms"] / 1e9
+    if with_sdpa:
+        r["sdpa_uniform"]["ms"] = st["sdpa_uniform"]["median_ms"]
+        r["sdpa_uniform"]["tflops"] = uflops / r["sdpa_uniform"]["ms"] / 1e9
+        r["flops_ratio_vs_sdpa_uniform"] = r["triton_tflops"] / r["sdpa_uniform"]["tflops"]
+        r["sdpa_padded"]["ms"] = st["sdpa_padded"]["median_ms"]
         r["speedup_vs_padded"] = r["sdpa_padded"]["ms"] / r["triton_fwd_ms"]
     return r
 
@@ -225,11 +219,15 @@ def time_ffn(D, Hd, M, kept, dtype, device) -> dict:
         with torch.no_grad():
             F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     r = {"D": D, "hidden": Hd, "tokens": M, "kept": kept, "dtype": str(dtype).replace("torch.", "")}
-    r["dense_fwd_bwd_ms"] = bench_ms(dense, device)
-    r["triton_fwd_bwd_ms"] = bench_ms(lambda: masked("triton"), device)
-    r["torch_ref_fwd_bwd_ms"] = bench_ms(lambda: masked("torch"), device)
-    r["dense_fwd_ms"] = bench_ms(dense_fwd, device)
-    r["triton_fwd_ms"] = bench_ms(masked_fwd, device)
+    st_b = timed({"dense": dense, "triton": lambda: masked("triton"),
+                  "torch_ref": lambda: masked("torch")}, device)
+    st = timed({"dense": dense_fwd, "triton": masked_fwd}, device)
+    r["stats_fwd_bwd"], r["stats_fwd"] = st_b, st
+    r["dense_fwd_bwd_ms"] = st_b["dense"]["median_ms"]
+    r["triton_fwd_bwd_ms"] = st_b["triton"]["median_ms"]
+    r["torch_ref_fwd_bwd_ms"] = st_b["torch_ref"]["median_ms"]
+    r["dense_fwd_ms"] = st["dense"]["median_ms"]
+    r["triton_fwd_ms"] = st["triton"]["median_ms"]
     r["triton_over_dense_fwd_bwd"] = r["triton_fwd_bwd_ms"] / r["dense_fwd_bwd_ms"]
     r["torch_ref_over_dense_fwd_bwd"] = r["torch_ref_fwd_bwd_ms"] / r["dense_fwd_bwd_ms"]
     return r
@@ -244,12 +242,15 @@ def time_importance(B, dtype, device, copy_mib: int) -> dict:
     nbytes = sum(2 * x.numel() * x.element_size() for x in xs)
     r = {"tensors": len(xs), "batch": B, "bytes_read": nbytes,
          "dtype": str(dtype).replace("torch.", "")}
-    r["triton_ms"] = bench_ms(lambda: ops.importance_reduce_many(xs, gs, backend="triton"),
-                              device)
-    r["torch_ms"] = bench_ms(lambda: ops.importance_reduce_many(xs, gs, backend="torch"), device)
     buf = torch.empty(copy_mib * 2 ** 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(buf)
-    r["copy_ms"] = bench_ms(lambda: dst.copy_(buf), device)
+    st = timed({"triton": lambda: ops.importance_reduce_many(xs, gs, backend="triton"),
+                "torch": lambda: ops.importance_reduce_many(xs, gs, backend="torch"),
+                "copy": lambda: dst.copy_(buf)}, device)
+    r["stats"] = st
+    r["triton_ms"] = st["triton"]["median_ms"]
+    r["torch_ms"] = st["torch"]["median_ms"]
+    r["copy_ms"] = st["copy"]["median_ms"]
     r["copy_gbps"] = 2 * buf.numel() / r["copy_ms"] / 1e6          # read + write
     r["triton_gbps"] = nbytes / r["triton_ms"] / 1e6
     r["torch_gbps"] = nbytes / r["torch_ms"] / 1e6
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--small", action="store_true",
                     help="tiny shapes (script smoke test; numbers meaningless)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls (GPU 10, CPU 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="samples (GPU 50, CPU 3)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.small:
@@ -289,10 +292,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = _env(device)
+    cpu = device.type == "cpu"
+    TIMING["warmup"] = args.warmup if args.warmup is not None else (1 if cpu else 10)
+    TIMING["repeats"] = args.repeats if args.repeats is not None else (3 if cpu else 50)
+    env = {**environment(device), "interpret": os.environ.get("TRITON_INTERPRET", "0"),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tag = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
-    res = {"env": env, "checks": {}, "attention": [], "ffn": [], "importance": [],
-           "targets": {}}
+    res = {"env": env, "timing": {**TIMING, "flush_l2": not cpu, "harness":
+                                  "pyengine.measure.timing (interleaved, CUDA events)"},
+           "checks": {}, "attention": [], "ffn": [], "importance": [], "targets": {}}
     log(f"# gpu_ops {json.dumps(env)}")
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16,
                                                             torch.float32]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pyengine.train.data import loaders
+from pyengine.measure.timing import environment
 from pyengine.experiments.limit import (HessianOperator, cache_batches, full_hessian, loss_spread, measure,
                             predict, prunable_parameters, slq)
 from pyengine.experiments.limit.models import DigitsMLP
@@ -81,7 +82,7 @@ def main() -> int:
     res = {"hidden": list(HIDDEN), "weights": op.dim, "samples": op.samples, "eps": eps,
            "base_top1": meas.base, "measured": meas.to_dict(), "eigenvalues": ev.tolist(),
            "flat_rows": flat, "predicted_exact": p_exact.to_dict(), "eps_sensitivity": sens,
-           "slq": rows, "torch": torch.__version__}
+           "slq": rows, "env": environment("cpu")}
     tmp = out / ".limit_exact_spectrum.json.tmp"
     tmp.write_text(json.dumps(res) + "\n")
     os.replace(tmp, out / "limit_exact_spectrum.json")

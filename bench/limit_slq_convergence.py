@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pyengine.train.data import loaders
+from pyengine.measure.timing import environment
 from pyengine.experiments.limit import (HessianOperator, cache_batches, digits_mlp, flat_fraction,
                             loss_spread, predict, prunable_parameters, slq)
 from pyengine.train.trainer import evaluate, fit
@@ -62,7 +63,7 @@ def main() -> int:
                   f"{row['abs_mean']:9.2e} {row['max']:8.3f} {row['negative_mass']:8.3f} "
                   f"{row['mass_abs_below_1e-3']:12.3f} {row['seconds']:6.1f}", flush=True)
     res = {"model": "digits_mlp", "weights": op.dim, "base_top1": base, "eps": eps, "flat": flat,
-           "samples": op.samples, "rows": rows, "torch": torch.__version__}
+           "samples": op.samples, "rows": rows, "env": environment("cpu")}
     tmp = out / ".limit_slq_convergence.json.tmp"
     tmp.write_text(json.dumps(res, indent=1) + "\n")
     os.replace(tmp, out / "limit_slq_convergence.json")

@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pyengine.methods import sss
 from pyengine.methods.base import run_method
 from pyengine.models import zoo
 from pyengine.io.atomic import write_bytes, write_json, write_text
+from pyengine.measure.timing import environment
 from pyengine.train.data import loaders
 from pyengine.train.trainer import DIGITS_RECIPE, evaluate, fit, seed_everything
 
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
         "max_abs_diff_compact_vs_gated": worst, "spec_summary": s.summary(),
         "check_history": gated.pyengine_sss["history"],
         "seconds": {"dense": t_dense, "sss": t_sss, "total": time.perf_counter() - t0},
-        "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
-        "torch": torch.__version__, "python": sys.version.split()[0],
+        "device": "cpu", "env": environment("cpu"),
         "command": " ".join(["python", "bench/sss_digits.py"] + (argv or sys.argv[1:])),
     }
     out = Path(a.out + ".json")

@@ -82,8 +82,12 @@ def test_bench_cli_report(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(dense["median_ms"] / r["median_ms"])
         assert r["macs_ratio"] == pytest.approx(r["macs"] / dense["macs"])
         assert r["speedup_per_mac_reduction"] == pytest.approx(r["speedup"] * r["macs_ratio"])
+        # the speedup's spread: quartiles of the paired per-pass ratios dense / variant
+        assert 0 < r["speedup_p25"] <= r["speedup_p75"]
+        assert r["speedup_iqr"] == pytest.approx(r["speedup_p75"] - r["speedup_p25"])
     by = {r["variant"]: r for r in res if r["batch"] == 1}
     assert by["dense"]["speedup"] == 1.0
+    assert by["dense"]["speedup_p25"] == by["dense"]["speedup_p75"] == 1.0
     assert by["compact"]["attention_backend"] == "auto"
     assert abs(by["compact"]["macs_ratio"] - 0.5) < 0.03
     assert by["padded"]["macs"] >= by["compact"]["macs"]

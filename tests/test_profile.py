@@ -50,6 +50,13 @@ def test_layer_times_attribute_time_to_the_right_row():
               "norm", "head"):
         assert r in med and med[r] >= 0
     assert "blocks.0.add1" not in med and "pos_embed" not in med
+    # layer_stats: the harness's statistics of the same marks (median, IQR, ...)
+    from pyengine.measure.roofline import layer_stats
+    st, total_st, other_st = layer_stats(model, torch.randn(2, 3, 32, 32), names, warmup=0,
+                                         repeats=3)
+    assert set(st) == set(med) and total_st["repeats"] == other_st["repeats"] == 3
+    assert st["blocks.1.mlp.act"]["median_ms"] >= 6.0
+    assert all(v["iqr_ms"] >= 0 and v["min_ms"] <= v["median_ms"] for v in st.values())
     # hooks are removed afterwards
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
@@ -79,8 +86,10 @@ def test_profile_cli_dense_and_compact(tmp_path, capsys):
         assert sum(r["flops"] for r in p["layers"]) == p["flops"] == 2 * p["macs"]
         for r in p["layers"]:
             if r["name"] == "other":
-                assert r["measured_ms"] >= 0
+                assert r["measured_ms"] >= 0 and r["measured_iqr_ms"] >= 0
                 continue
+            if r["measured_ms"] is not None:
+                assert r["measured_iqr_ms"] >= 0
             assert r["bound"] == ("compute" if r["intensity"] >= ridge else "memory")
             if r["measured_ms"] is not None and r["measured_ms"] > 0:
                 t = r["measured_ms"] / 1e3

@@ -201,5 +201,5 @@ def test_recipe_runner_writes_result_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["epochs"] == 1 and len(res["history"]) == 1
     assert res["dense_top1"] == res["history"][-1]["val_top1"]
-    assert res["machine"]["torch_threads"] == 1 and res["model"]["depth"] == 1
+    assert res["machine"]["threads"] == 1 and res["model"]["depth"] == 1
     assert res["cpu_s"] > 0 and res["wall_s"] > 0

@@ -5,7 +5,8 @@
    distillation from the dense model), fixes it within 3% of the target and fine-tunes the
    compact model briefly;
 3. compiles it, checks compact == hard-gated outputs, and times dense timm against the compact
-   model on this CPU (interleaved repeats);
+   model on this CPU (interleaved repeats, pyengine.measure.timing: the same harness and IQR
+   as ``pyengine bench``);
 4. prints a table and writes DIR/report.json (+ the compact model, spec.json, metrics.json).
 
 Every number it prints is measured in this run. ``--synthetic`` keeps the first version of
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from pyengine import api
 from pyengine.cost import cost
 from pyengine.structure.synthetic import heterogeneous_spec
-from pyengine.measure.timing import compare, environment
+from pyengine.measure.timing import environment, measure
 from pyengine.models.vit.adapter import geometry
 
 # The demo's model: digits_vit at 16x16 inputs (4x4 patches, 17 tokens), narrower than the
@@ -72,11 +73,13 @@ def compact_vs_dense(model_name: str = "deit_small_patch16_224", target: float =
         max_abs_diff = (gated(x) - compact(x)).abs().max().item()
     bar = tqdm(total=repeats, desc=f"timing {model_name} b{batch}", disable=not show_progress,
                leave=False)
-    times = compare({"dense": lambda: dense(x), "compact": lambda: compact(x)}, warmup=warmup,
-                    repeats=repeats, progress=lambda i: bar.update(1))
+    samples = measure({"dense": lambda: dense(x), "compact": lambda: compact(x)},
+                      warmup=warmup, repeats=repeats, device="cpu",
+                      progress=lambda done: bar.update(done - bar.n))
     bar.close()
+    times, sp = samples.stats(), samples.ratio("dense", "compact")
     c_dense, c_compact = cost(dense, batch=batch), cost(compact, batch=batch)
-    speedup = times["dense"]["median_ms"] / times["compact"]["median_ms"]
+    speedup = sp["ratio"]
     macs_ratio = c_compact.macs / c_dense.macs
     summ = s.summary()
     return {
@@ -88,8 +91,9 @@ def compact_vs_dense(model_name: str = "deit_small_patch16_224", target: float =
             {(len(h.qk), len(h.v)) for b in s.blocks for h in b.heads}),
         "max_abs_diff": max_abs_diff, "compile_s": compile_s,
         "dense_ms": times["dense"], "compact_ms": times["compact"], "speedup": speedup,
+        "speedup_p25": sp["p25"], "speedup_p75": sp["p75"], "speedup_iqr": sp["iqr"],
         "speedup_per_mac_reduction": speedup * macs_ratio,
-        "env": environment(), "spec": s.to_dict(),
+        "env": environment("cpu"), "spec": s.to_dict(),
     }
 
 
@@ -110,8 +114,10 @@ def format_table(r: dict) -> str:
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    spread = (f" (paired p25-p75 {r['speedup_p25']:.2f}-{r['speedup_p75']:.2f})"
+              if "speedup_p25" in r else "")
     lines += ["",
-              f"MAC ratio {r['macs_ratio']:.3f}  speedup {r['speedup']:.2f}x  "
+              f"MAC ratio {r['macs_ratio']:.3f}  speedup {r['speedup']:.2f}x{spread}  "
               f"speedup x MAC ratio {r['speedup_per_mac_reduction']:.2f}",
               f"compact vs hard-gated max |diff| {r['max_abs_diff']:.2e}  "
               f"({r['kept_heads']} heads kept, {r['distinct_head_shapes']} distinct head shapes)"]
@@ -176,7 +182,7 @@ def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
     model_kwargs = dict(TINY_MODEL if tiny else DEMO_MODEL)
     out = Path(out)
     t0 = time.perf_counter()
-    env = environment()
+    env = environment("cpu")
     print(f"pyengine demo: digits ViT {model_kwargs} at {cfg['img_size']}px, HiAP to "
           f"{cfg['target']:.0%} MACs; {env['cpu']}, {env['threads']} threads", flush=True)
     res = prune_run(prune_job(out, cfg, model_kwargs, seed, progress),
@@ -191,16 +197,19 @@ def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
         x = x.repeat((cfg["batch"] + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:cfg["batch"]]
     bar = tqdm(total=cfg["repeats"], desc=f"timing b{cfg['batch']}", disable=not progress,
                leave=False)
-    times = compare({"dense": lambda: dense(x), "compact": lambda: compact(x)}, warmup=5,
-                    repeats=cfg["repeats"], progress=lambda i: bar.update(1))
+    samples = measure({"dense": lambda: dense(x), "compact": lambda: compact(x)}, warmup=5,
+                      repeats=cfg["repeats"], device="cpu",
+                      progress=lambda done: bar.update(done - bar.n))
     bar.close()
-    speedup = times["dense"]["median_ms"] / times["compact"]["median_ms"]
+    times, sp = samples.stats(), samples.ratio("dense", "compact")
+    speedup = sp["ratio"]
     cd, cc = cost(dense, batch=cfg["batch"]), cost(compact, batch=cfg["batch"])
     s = res["spec"]
     report = {
         "dense_top1": m["dense_top1"], "pruned_top1": m["pruned_top1"],
         "pruned_top1_before_finetune": m["pruned_top1_before_finetune"],
         "macs_ratio": cc.macs / cd.macs, "target": cfg["target"], "speedup": speedup,
+        "speedup_p25": sp["p25"], "speedup_p75": sp["p75"], "speedup_iqr": sp["iqr"],
         "max_abs_diff": max_abs_diff, "device": "cpu", "batch": cfg["batch"], "dtype": "float32",
         "dense_macs": cd.macs, "compact_macs": cc.macs,
         "dense_params": m["dense_params"], "compact_params": m["pruned_params"],

@@ -5,13 +5,15 @@ Torch-Pruning model of the same MACs, timed by one harness.
     report = bench(models, batches=(1, 8, 64, 256), dtype="bf16", device="cuda", graphs=True)
     write_json(report, "bench.json"); print(format_report(report))
 
-On CUDA every sample is a pair of CUDA events around one or more calls (a captured CUDA
-graph's replay with ``graphs=True``, else eager forward); on the CPU a ``perf_counter`` pair.
-Each variant gets warm-up calls first, then samples are taken round-robin over the variants
-(a few samples of each, in turn) so drift of clocks and other load hits all of them alike.
-Reported: median and interquartile range of the per-call time, images/s, MACs from
-:func:`pyengine.cost`, speedup over dense and speedup x (variant MACs / dense MACs): 1.0
-means the MAC reduction was fully realised as speed.
+Timing comes from the one harness, :mod:`pyengine.measure.timing`: on CUDA every sample is a
+pair of CUDA events around one or more calls (a captured CUDA graph's replay with
+``graphs=True``, else eager forward); on the CPU a ``perf_counter`` pair. Each variant gets
+warm-up calls first, then samples are taken round-robin over the variants (a few samples of
+each, in turn) so drift of clocks and other load hits all of them alike. Reported: median and
+interquartile range of the per-call time (the harness's one definition), images/s, MACs from
+:func:`pyengine.cost`, speedup over dense (the ratio of medians) with its spread (p25, p75 and
+IQR of the paired per-pass ratios) and speedup x (variant MACs / dense MACs): 1.0 means the
+MAC reduction was fully realised as speed. ``env`` is :func:`pyengine.measure.timing.environment`.
 
 The report (``bench()``, ``pyengine bench --json``)::
 
@@ -21,16 +23,14 @@ The report (``bench()``, ``pyengine bench --json``)::
                   "dtype", "median_ms", "iqr_ms", "min_ms", "mean_ms", "repeats", "inner",
                   "macs" (whole batch), "macs_per_image", "params", "images_per_s", "mode",
                   "graphs", "compile", "device", "input_shape", "macs_ratio", "speedup",
-                  "speedup_per_mac_reduction" (the last three when dense was timed)}, ...]}
+                  "speedup_p25", "speedup_p75", "speedup_iqr", "speedup_per_mac_reduction"
+                  (the last six when dense was timed)}, ...]}
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pyengine.io.atomic import write_json  # noqa: F401 - part of this module's API
+from pyengine.measure.timing import environment, measure, summarize  # noqa: F401 - API
 
 VARIANTS = ("dense", "compact", "padded", "torch-pruning")
 DEFAULT_COMPARE = ("dense", "padded", "torch-pruning")
@@ -251,144 +252,24 @@ def check_outputs(v: Variants, device: torch.device, batch: int = 2) -> dict[str
 
 
 # --------------------------------------------------------------------------------------
-# The timing harness
+# Timing and environment: the one harness (pyengine.measure.timing)
 # --------------------------------------------------------------------------------------
 
-def summarize(times_ms: Sequence[float]) -> dict[str, float]:
-    """Median, interquartile range (inclusive quartiles), min, mean and count."""
-    t = list(times_ms)
-    if not t:
-        raise ValueError("no samples to summarize")
-    q = statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3
-    return {"median_ms": statistics.median(t), "iqr_ms": max(0.0, q[2] - q[0]),
-            "min_ms": min(t), "mean_ms": statistics.fmean(t), "repeats": len(t)}
-
-
-class _Runner:
-    """One variant at one batch, ready to be called: eager, compiled and/or graph-captured."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, graphs: bool, compiled: bool):
-        self.device = x.device
-        self.x = x
-        fn = torch.compile(model, dynamic=False) if compiled else model
-        self.fn = fn
-        self.graph = None
-        if graphs:
-            if x.device.type != "cuda":
-                raise ValueError("CUDA graphs need --device cuda")
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s), torch.inference_mode():
-                for _ in range(3):  # warm-up outside the capture (allocator, autotuning)
-                    fn(x)
-            torch.cuda.current_stream().wait_stream(s)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(self.graph):
-                self.out = fn(x)
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.fn(self.x)
-
-
-def _sample(run: Callable[[], None], device: torch.device, inner: int) -> float:
-    """Milliseconds per call over ``inner`` back-to-back calls."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        run()
-    return (time.perf_counter() - t0) * 1e3 / inner
+def _call(model: nn.Module, x: torch.Tensor, compiled: bool) -> Callable[[], object]:
+    """One variant at one batch, ready to be timed (eager or torch.compile'd)."""
+    fn = torch.compile(model, dynamic=False) if compiled else model
+    return lambda: fn(x)
 
 
 def time_callables(fns: dict[str, Callable[[], None]], device: torch.device,
                    warmup: int = 10, repeats: int = 50, rounds: int = 5,
-                   min_sample_ms: float = 0.0) -> dict[str, dict[str, float]]:
-    """Time zero-argument callables: ``warmup`` calls each, then ``repeats`` samples each
-    taken in ``rounds`` round-robin passes. A sample covers ``inner`` calls, enough for
-    ``min_sample_ms`` (1 when 0), so very short calls are not lost in timer resolution."""
-    if repeats < 1 or rounds < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1, rounds >= 1, warmup >= 0; got {repeats}, "
-                         f"{rounds}, {warmup}")
-    inner: dict[str, int] = {}
-    with torch.inference_mode():
-        for name, fn in fns.items():
-            for _ in range(warmup):
-                fn()
-            t = _sample(fn, device, 1)
-            inner[name] = max(1, math.ceil(min_sample_ms / t)) if min_sample_ms > 0 and t > 0 \
-                else 1
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        rounds = min(rounds, repeats)
-        per = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-        for n in per:
-            for name, fn in fns.items():
-                for _ in range(n):
-                    times[name].append(_sample(fn, device, inner[name]))
-    out = {k: summarize(v) for k, v in times.items()}
-    for k in out:
-        out[k]["inner"] = inner[k]
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Environment
-# --------------------------------------------------------------------------------------
-
-def _driver_version() -> str | None:
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        v = pynvml.nvmlSystemGetDriverVersion()
-        return v.decode() if isinstance(v, bytes) else str(v)
-    except Exception:
-        return None
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What a result was measured on: always the keys gpu, driver, torch, triton, cuda
-    (None where not applicable), plus cpu, threads, python, timm, torch_pruning."""
-    from pyengine.measure.baselines import torch_pruning_available
-    from pyengine.measure.timing import environment as base_env
-
-    env: dict[str, Any] = {"gpu": None, "driver": None, "torch": torch.__version__,
-                           "triton": None, "cuda": torch.version.cuda}
-    env.update(base_env())
-    dev = torch.device(device)
-    env["device"] = str(dev)
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        env["gpu"] = p.name
-        env["gpu_sms"] = p.multi_processor_count
-        env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
-        env["compute_capability"] = f"{p.major}.{p.minor}"
-        env["driver"] = _driver_version()
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        env["gpu"] = None
-    ok, ver = torch_pruning_available()
-    env["torch_pruning"] = ver if ok else None
-    try:  # other load on the machine while measuring (a shared CPU makes timings noisy)
-        env["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        pass
-    env["cpu_count"] = os.cpu_count()
-    return env
+                   min_sample_ms: float = 0.0, graphs: bool = False
+                   ) -> dict[str, dict[str, float]]:
+    """:func:`pyengine.measure.timing.compare` with the bench's defaults: ``warmup`` calls
+    each, one calibration call, then ``repeats`` samples each taken in ``rounds`` round-robin
+    passes; a sample covers enough calls for ``min_sample_ms`` (1 when 0)."""
+    return measure(fns, warmup, repeats, device, rounds=rounds, min_sample_ms=min_sample_ms,
+                   graphs=graphs).stats()
 
 
 # --------------------------------------------------------------------------------------
@@ -428,9 +309,10 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
             continue
         show(f"batch {b}: preparing {', '.join(models)} ({mode})")
         x = torch.randn(b, *v.img_size, device=dev, dtype=dt)
-        runners = {k: _Runner(m, x, graphs, compiled) for k, m in models.items()}
-        stats = time_callables(runners, dev, warmup, repeats, rounds, min_sample_ms)
-        del runners
+        samples = measure({k: _call(m, x, compiled) for k, m in models.items()}, warmup,
+                          repeats, dev, graphs=graphs, rounds=rounds,
+                          min_sample_ms=min_sample_ms)
+        stats = samples.stats()
         base = stats.get("dense")
         for k, st in stats.items():
             macs = cost(models[k], batch=b).macs
@@ -443,6 +325,9 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
             if base is not None:
                 r["macs_ratio"] = macs1[k] / macs1["dense"]
                 r["speedup"] = base["median_ms"] / st["median_ms"]
+                sp = samples.ratio("dense", k)  # its spread, from the paired samples
+                r["speedup_p25"], r["speedup_p75"] = sp["p25"], sp["p75"]
+                r["speedup_iqr"] = sp["iqr"]
                 r["speedup_per_mac_reduction"] = r["speedup"] * r["macs_ratio"]
             results.append(r)
         if dev.type == "cuda":

@@ -7,8 +7,11 @@ time, before and after pruning.
     plot(report, "roofline.png")
 
 Each row of :func:`pyengine.cost` (``blocks.3.attn.qkv``, ``blocks.3.mlp.act``, ...) is timed
-with a pair of CUDA events (``perf_counter`` on the CPU) around the module of the same name,
-through forward hooks, over many forward passes (median). Attention's core
+with a pair of marks of the harness's :class:`~pyengine.measure.timing.Clock` (CUDA events,
+``perf_counter`` on the CPU) around the module of the same name, through forward hooks, over
+many forward passes after warm-up; median and IQR per row are the harness's
+:func:`~pyengine.measure.timing.summarize`. The peaks' microbenchmarks are timed by
+:func:`~pyengine.measure.timing.compare`. Attention's core
 (``blocks.i.attn.sdpa``) has no module of its own: it is the attention module's time minus
 its qkv and proj. Rows with no module (position embedding, residual adds) are not timed one
 by one; what the hooked rows leave of the whole forward pass is reported as ``other``.
@@ -17,16 +20,15 @@ whether each layer is bound by memory or by compute (its intensity below or abov
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from pyengine.measure.bench import dtype_name, environment, parse_dtype, resolve_device, time_callables
-from pyengine.cost.peaks import Peaks
 from pyengine.cost import cost
+from pyengine.cost.peaks import Peaks
+from pyengine.measure.bench import dtype_name, parse_dtype, resolve_device
+from pyengine.measure.timing import Clock, compare, environment, summarize, warm_up
 
 
 # --------------------------------------------------------------------------------------
@@ -34,9 +36,8 @@ from pyengine.cost import cost
 # --------------------------------------------------------------------------------------
 
 def _time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median ms of ``fn`` (the bench harness's events / perf_counter samples)."""
-    st = time_callables({"fn": fn}, device, warmup=warmup, repeats=repeats, rounds=1)
-    return st["fn"]["median_ms"]
+    """Median ms of ``fn`` (the harness's events / perf_counter samples)."""
+    return compare({"fn": fn}, warmup, repeats, device)["fn"]["median_ms"]
 
 
 def _copy_ms(n_el: int, dev: torch.device, repeats: int) -> float:
@@ -86,19 +87,12 @@ def measure_peaks(device: str | torch.device | None = None, dtype="bfloat16",
 # Per-layer time
 # --------------------------------------------------------------------------------------
 
-class _Clock:
-    """Start/end marks around hooked modules: CUDA events, or perf_counter on the CPU."""
+class _Marks(Clock):
+    """Start/end marks of the hooked modules within one forward pass."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        super().__init__(device)
         self.marks: dict[str, list] = {}
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
 
     def pre(self, name):
         def hook(module, args):
@@ -110,11 +104,9 @@ class _Clock:
             self.marks[name][1] = self.mark()
         return hook
 
-    def elapsed_ms(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return {k: s.elapsed_time(e) for k, (s, e) in self.marks.items()}
-        return {k: (e - s) * 1e3 for k, (s, e) in self.marks.items()}
+    def elapsed(self) -> dict[str, float]:
+        self.sync()
+        return {k: self.elapsed_ms(s, e) for k, (s, e) in self.marks.items()}
 
 
 def _hook_names(model: nn.Module, rows: Sequence[str]) -> dict[str, nn.Module]:
@@ -129,14 +121,15 @@ def _hook_names(model: nn.Module, rows: Sequence[str]) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def layer_times(model: nn.Module, x: torch.Tensor, names: Sequence[str], warmup: int = 3,
-                repeats: int = 20) -> tuple[dict[str, float], float, float]:
-    """Median ms of each row in ``names`` that can be timed (a module of that name, or an
-    attention core), of the whole forward, and of the rest (forward minus the timed rows,
-    per pass, so one preempted pass does not inflate it)."""
+def layer_stats(model: nn.Module, x: torch.Tensor, names: Sequence[str], warmup: int = 3,
+                repeats: int = 20) -> tuple[dict[str, dict], dict, dict]:
+    """:func:`~pyengine.measure.timing.summarize` (median, IQR, ...) of each row in ``names``
+    that can be timed (a module of that name, or an attention core), of the whole forward, and
+    of the rest (forward minus the timed rows, per pass, so one preempted pass does not inflate
+    it), over ``repeats`` forward passes after ``warmup``."""
     dev = x.device
     hooked = _hook_names(model, names)
-    clock = _Clock(dev)
+    clock = _Marks(dev)
     handles = []
     for n, m in hooked.items():
         handles.append(m.register_forward_pre_hook(clock.pre(n)))
@@ -146,15 +139,14 @@ def layer_times(model: nn.Module, x: torch.Tensor, names: Sequence[str], warmup:
     rest: list[float] = []
     try:
         with torch.inference_mode():
-            for i in range(warmup + repeats):
+            warm_up([lambda: model(x)], warmup, dev)
+            for _ in range(repeats):
                 clock.marks.clear()
                 t0 = clock.mark()
                 model(x)
                 t1 = clock.mark()
-                ms = clock.elapsed_ms()
-                total = t0.elapsed_time(t1) if clock.cuda else (t1 - t0) * 1e3
-                if i < warmup:
-                    continue
+                ms = clock.elapsed()
+                total = clock.elapsed_ms(t0, t1)
                 rows = {}
                 for r in names:
                     if r.endswith(".attn.sdpa") and r[:-len(".sdpa")] in ms:
@@ -170,8 +162,15 @@ def layer_times(model: nn.Module, x: torch.Tensor, names: Sequence[str], warmup:
     finally:
         for h in handles:
             h.remove()
-    med = {n: statistics.median(v) for n, v in samples.items()}
-    return med, statistics.median(totals), statistics.median(rest)
+    return {n: summarize(v) for n, v in samples.items()}, summarize(totals), summarize(rest)
+
+
+def layer_times(model: nn.Module, x: torch.Tensor, names: Sequence[str], warmup: int = 3,
+                repeats: int = 20) -> tuple[dict[str, float], float, float]:
+    """Medians of :func:`layer_stats`: per row, of the whole forward and of the rest (ms)."""
+    rows, total, rest = layer_stats(model, x, names, warmup, repeats)
+    return ({n: st["median_ms"] for n, st in rows.items()}, total["median_ms"],
+            rest["median_ms"])
 
 
 def profile_model(model: nn.Module, batch: int, dtype, device: torch.device, peaks: Peaks,
@@ -183,15 +182,18 @@ def profile_model(model: nn.Module, batch: int, dtype, device: torch.device, pea
     pe = model.patch_embed
     x = torch.randn(batch, pe.proj.in_channels, *pe.img_size, device=device, dtype=dt)
     names = [r.name for r in c.layers]
-    times, total, other = layer_times(model, x, names, warmup, repeats)
+    stats, total_st, other_st = layer_stats(model, x, names, warmup, repeats)
+    total, other = total_st["median_ms"], other_st["median_ms"]
     ridge = peaks.ridge(dt)
     rows = []
     timed = 0.0
     for r in c.layers:
         d = r.as_dict()
         d["roofline_ms"] = d.pop("time_s") * 1e3
-        t = times.get(r.name)
+        st = stats.get(r.name)
+        t = st["median_ms"] if st is not None else None
         d["measured_ms"] = t
+        d["measured_iqr_ms"] = st["iqr_ms"] if st is not None else None
         if t is not None and t > 0:
             timed += t
             d["achieved_tflops"] = r.flops / (t / 1e3) / 1e12
@@ -200,9 +202,11 @@ def profile_model(model: nn.Module, batch: int, dtype, device: torch.device, pea
         rows.append(d)
     rows.append({"name": "other", "kind": "other", "macs": 0, "bytes": 0, "params": 0,
                  "flops": 0, "intensity": 0.0, "bound": "-", "roofline_ms": 0.0,
-                 "measured_ms": other, "note": "forward time not in any hooked layer "
-                                               "(position embedding, residual adds, hooks)"})
-    return {"batch": batch, "dtype": dtype_name(dt), "total_ms": total, "timed_ms": timed,
+                 "measured_ms": other, "measured_iqr_ms": other_st["iqr_ms"],
+                 "note": "forward time not in any hooked layer (position embedding, residual "
+                         "adds, hooks)"})
+    return {"batch": batch, "dtype": dtype_name(dt), "total_ms": total,
+            "total_iqr_ms": total_st["iqr_ms"], "timed_ms": timed,
             "macs": c.macs, "flops": c.flops, "bytes": c.bytes, "params": c.params,
             "roofline_ms": c.time_s * 1e3, "ridge_flop_per_byte": ridge,
             "achieved_tflops": c.flops / (total / 1e3) / 1e12,
@@ -340,4 +344,4 @@ def plot(report: dict[str, Any], path) -> None:
     plt.close(fig)
 
 
-__all__ = ["measure_peaks", "layer_times", "profile_model", "profile", "format_profile", "plot"]
+__all__ = ["measure_peaks", "layer_stats", "layer_times", "profile_model", "profile", "format_profile", "plot"]

@@ -459,21 +459,6 @@ def train_digits(model: nn.Module | None = None, recipe: dict | None = None, *,
 
 
 # ---------------------------------------------------------------------------- recipe run
-def _device_line() -> dict[str, Any]:
-    import os
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"device": "cpu", "cpu": cpu, "cpus_visible": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m pyengine.train --out FILE.json``: train the digits recipe, record the result.
 
@@ -482,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
     import os
+    from pyengine.measure.timing import environment
     from pyengine.models.zoo import DIGITS_VIT
     p = argparse.ArgumentParser(prog="python -m pyengine.train", description=main.__doc__)
     p.add_argument("--out", required=True, help="result JSON path (written atomically)")
@@ -511,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
               "epochs": recipe["epochs"], "recipe": recipe,
               "model": {**DIGITS_VIT, **model_kw,
                         "params": sum(p.numel() for p in model.parameters())},
-              "history": rows, "machine": {**_device_line(), "loadavg_before": load0,
+              "history": rows, "machine": {**environment("cpu"), "loadavg_before": load0,
                                            "loadavg_after": os.getloadavg()}}
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
     out = Path(args.out)

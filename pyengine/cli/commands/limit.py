@@ -3,7 +3,6 @@ magnitude pruning) pruning limit of a model on a dataset; JSON + plot."""
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -148,6 +147,7 @@ def run(args) -> int:
     from pyengine.train.data import loaders
     from pyengine.experiments.limit import (HessianOperator, cache_batches, flat_fraction, loss_spread, measure,
                          measure_structured, predict, prunable_parameters, slq)
+    from pyengine.measure.timing import environment
     from pyengine.train.trainer import evaluate, fit
 
     for name in ("iters", "probes", "steps", "batch_size"):
@@ -222,9 +222,7 @@ def run(args) -> int:
         "flat": {"fraction": flat, "tol": args.flat_tol, "rows": rows},
         "predicted": pred.to_dict(), "measured": meas.to_dict(),
         "gap": pred.ratio - meas.threshold,
-        "env": {"torch": torch.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)},
+        "env": environment(dev),
     }
     if args.structured:
         t = time.time()

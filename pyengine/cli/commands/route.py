@@ -57,7 +57,7 @@ def run(args) -> int:
     from pyengine.experiments.route import PRIORS, cross_validate, logits_of, pareto, pick, route_curve
     from pyengine.experiments.sweep import _full_spec, _geom_dict, calib_loader, trained_dense
     from pyengine.train.trainer import DIGITS_RECIPE, evaluate, fit
-    from pyengine.cli.commands.sweep import _env
+    from pyengine.measure.timing import environment
 
     if not 0 < args.light_target < 1:
         raise ValueError(f"--light-target must be in (0, 1), got {args.light_target}")
@@ -112,7 +112,7 @@ def run(args) -> int:
     result = {
         "format": "pyengine.route/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "pyengine route " + " ".join(sys.argv[2:]), "env": _env(),
+        "command": "pyengine route " + " ".join(sys.argv[2:]), "env": environment(args.device),
         "arch": args.arch, "dense": {k: meta[k] for k in meta if k != "history"},
         "light": {"method": args.light_method, "target": args.light_target,
                   "allocation": args.allocation, "calib_batches": args.calib_batches,

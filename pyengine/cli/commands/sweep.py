@@ -11,7 +11,6 @@ Writes the JSON after every run (atomically) and a plot beside it.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,20 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _env() -> dict:
-    import timm
-    import torch
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
-            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-            "device": "cpu"}
-
-
 def run(args) -> int:
     import torch
 
     from pyengine.train.data import digits
     from pyengine.io.atomic import write_json
     from pyengine.experiments.sweep import plot, sweep, trained_dense
+    from pyengine.measure.timing import environment
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
@@ -67,7 +59,7 @@ def run(args) -> int:
     result = {"format": "pyengine.sweep/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                       time.gmtime()),
               "command": "pyengine sweep " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else
-              "pyengine sweep", "env": _env(), "dense": {}, "runs": {}, "claim_75": {},
+              "pyengine sweep", "env": environment(args.device), "dense": {}, "runs": {}, "claim_75": {},
               "claims": {}}
     val = torch.utils.data.DataLoader(digits("val", 32), batch_size=128)
     calib_data = digits("train", 32)  # no augmentation

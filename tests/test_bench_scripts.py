@@ -1,0 +1,94 @@
+"""The bench/ scripts are thin callers of pyengine.measure: each loads, and the ones that can
+run on a CPU do, on tiny shapes (numbers meaningless), writing the harness's statistics and
+environment record. (bench/gpu_end_to_end.py's dry run is in test_bench.py; the timing of
+bench/cpu_compact_speedup.py is the demo's compact_vs_dense, run in test_cli_demo.py.)"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+STATS = {"median_ms", "iqr_ms", "min_ms", "mean_ms", "repeats", "inner"}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_every_bench_script_loads(name):
+    assert load(name).__doc__
+
+
+@pytest.fixture
+def threads():
+    """The scripts set torch's thread count; put it back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cpu_csrc_dry_run(tmp_path, threads):
+    mod = load("cpu_csrc")
+    mod.main(["--batch", "1", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "cpu_csrc.json").read_text())
+    assert doc["env"]["device"] == "cpu" and doc["env"]["threads"] == 1
+    assert len(doc["rows"]) == 6
+    for r in doc["rows"]:
+        assert STATS <= set(r) and r["repeats"] == 2
+        if r["backend"] == "cpu":
+            assert r["speedup_vs_torch"]["pairs"] == 2
+    assert "speedup cpu vs torch" in (tmp_path / "cpu_csrc.log").read_text()
+
+
+def test_bench_ops_dry_run(tmp_path, threads):
+    mod = load("bench_ops")
+    assert mod.main(["--batch", "1", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                     "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench_ops.json").read_text())
+    assert doc["env"]["device"] == "cpu"
+    assert {(r["op"], r["backend"]) for r in doc["rows"]} >= {
+        ("varlen_attention", "torch"), ("masked_ffn", "torch"),
+        ("importance_reduce_many", "torch")}
+    assert all(STATS <= set(r) for r in doc["rows"])
+    assert {s["backend"] for s in doc["skipped"]} >= {"triton", "cuda"}   # no GPU here
+
+
+def test_hiap_step_time_dry_run_on_cpu(tmp_path, threads):
+    mod = load("hiap_step_time")
+    assert mod.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                     json.dumps({"depth": 1, "img_size": 32, "patch_size": 8}),
+                     "--batch", "2", "--steps", "2", "--warmup", "0",
+                     "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "hiap_step_time_vit_tiny_patch16_224_b2.json").read_text())
+    assert set(doc["variants"]) == {"plain", "hiap", "hiap_kd"}
+    assert all(STATS <= set(v) and v["repeats"] == 2 for v in doc["variants"].values())
+    assert doc["hiap_over_plain"] == doc["hiap_over_plain_spread"]["ratio"]
+    assert doc["env"]["device"] == "cpu"
+
+
+def test_gpu_ops_timings_on_cpu_interpreter(threads):
+    # the Triton interpreter (conftest sets TRITON_INTERPRET=1): correctness of the script, not
+    # speed; each comparison goes through the harness, interleaved
+    mod = load("gpu_ops")
+    mod.TIMING.update(warmup=0, repeats=1)
+    cpu = torch.device("cpu")
+    r = mod.time_ffn(32, 64, 40, 0.5, torch.float32, cpu)
+    assert set(r["stats_fwd_bwd"]) == {"dense", "triton", "torch_ref"}
+    assert r["triton_fwd_bwd_ms"] == r["stats_fwd_bwd"]["triton"]["median_ms"]
+    qk, vd = [16, 8], [8, 16]
+    r = mod.time_attention("t", qk, vd, 1, 5, torch.float32, cpu, with_sdpa=False)
+    assert set(r["stats_fwd"]) == {"triton", "triton_launch_per_bucket", "torch_ref"}
+    assert r["torch_ref_fwd_ms"] == r["stats_fwd"]["torch_ref"]["median_ms"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_only_scripts_refuse_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["gpu_csrc.py", "--out", str(tmp_path)])
+    assert load("gpu_csrc").main() == 2
+    assert load("hiap_step_time").main(["--out", str(tmp_path)]) == 2
