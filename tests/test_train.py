@@ -194,7 +194,7 @@ def test_train_digits_runs_the_recipe_plumbing():
 
 
 def test_recipe_runner_writes_result_json(tmp_path):
-    from pyengine.train.trainer import main
+    from pyengine.cli.train_digits import main
     out = tmp_path / "r" / "digits_recipe.json"
     assert main(["--out", str(out), "--threads", "1", "--recipe", '{"epochs": 1}',
                  "--model", '{"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}']) == 0

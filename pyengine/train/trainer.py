@@ -459,26 +459,20 @@ def train_digits(model: nn.Module | None = None, recipe: dict | None = None, *,
 
 
 # ---------------------------------------------------------------------------- recipe run
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pyengine.train --out FILE.json``: train the digits recipe, record the result.
+def record_digits_recipe(out: str | Path, recipe: dict | None = None,
+                         model_kwargs: dict | None = None) -> dict:
+    """Train the digits recipe and write what it reached to ``out`` (JSON, atomically).
 
     The JSON holds the recipe, the model shape, the per-epoch history with wall and CPU
     seconds, the final top-1 and the machine (threads, CPU, load average before/after).
     """
-    import argparse
     import os
+
+    from pyengine.io.atomic import write_json
     from pyengine.measure.timing import environment
-    from pyengine.models.zoo import DIGITS_VIT
-    p = argparse.ArgumentParser(prog="python -m pyengine.train", description=main.__doc__)
-    p.add_argument("--out", required=True, help="result JSON path (written atomically)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--recipe", default="{}", help="JSON overrides of DIGITS_RECIPE")
-    p.add_argument("--model", default="{}", help="JSON overrides of zoo.digits_vit kwargs")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from pyengine.models.zoo import digits_vit
-    overrides, model_kw = json.loads(args.recipe), json.loads(args.model)
-    recipe = {**DIGITS_RECIPE, **overrides}
+    from pyengine.models.zoo import DIGITS_VIT, digits_vit
+    model_kw = dict(model_kwargs or {})
+    recipe = {**DIGITS_RECIPE, **(recipe or {})}
     load0 = os.getloadavg()
     seed_everything(recipe["seed"])
     model = digits_vit(**model_kw)
@@ -500,13 +494,5 @@ def main(argv: list[str] | None = None) -> int:
               "history": rows, "machine": {**environment("cpu"), "loadavg_before": load0,
                                            "loadavg_after": os.getloadavg()}}
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    write_json(result, out, indent=1)
+    return result

@@ -1,0 +1,3 @@
+from pyengine.cli.train_digits import main
+
+raise SystemExit(main())
