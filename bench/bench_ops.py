@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from pyengine import ops
-from pyengine.ops import _dispatch
 
 HEADS_QK = [64, 64, 48, 40, 32, 16]
 HEADS_V = [64, 56, 48, 40, 24, 16]
@@ -43,15 +42,12 @@ def _runner(device: torch.device, fn):
     return fn
 
 
-def _skip_unavailable(backend: str, device: torch.device):
-    if backend == "triton":
-        if device.type != "cuda":
-            pytest.skip("triton timings need a CUDA device (the interpreter is not a speed test)")
-        ok, why = _dispatch.triton_usable(device)
-        if not ok:
-            pytest.skip(why)
-    if backend in ("cpu", "cuda") and device.type != backend:
-        pytest.skip(f"backend {backend!r} runs on {backend} tensors, device is {device}")
+def _skip_unavailable(op: str, backend: str, device: torch.device):
+    if backend == "triton" and device.type != "cuda":
+        pytest.skip("triton timings need a CUDA device (the interpreter is not a speed test)")
+    why = ops.supported_backends(op, device)[backend]
+    if why:
+        pytest.skip(f"backend {backend!r}: {'; '.join(why)}")
 
 
 def _try(fn):
@@ -73,7 +69,7 @@ def _threads():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_attention(benchmark, backend):
     device = _device()
-    _skip_unavailable(backend, device)
+    _skip_unavailable("varlen_attention", backend, device)
     B = 8 if device.type == "cpu" else 64
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     q = torch.randn(B, 197, sum(HEADS_QK), device=device, dtype=dtype)
@@ -93,7 +89,7 @@ def test_varlen_attention(benchmark, backend):
 @pytest.mark.parametrize("kept", [0.5, 1.0])
 def test_masked_ffn(benchmark, backend, kept):
     device = _device()
-    _skip_unavailable(backend, device)
+    _skip_unavailable("masked_ffn", backend, device)
     B = 8 if device.type == "cpu" else 64
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     x = torch.randn(B, 197, 384, device=device, dtype=dtype)
@@ -113,7 +109,7 @@ def test_masked_ffn(benchmark, backend, kept):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_importance_reduce_many(benchmark, backend):
     device = _device()
-    _skip_unavailable(backend, device)
+    _skip_unavailable("importance_reduce_many", backend, device)
     B = 8 if device.type == "cpu" else 64
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     # a 12-block ViT-S: per block the qkv input (384), fc1 output (1536) with gradients
