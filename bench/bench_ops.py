@@ -30,7 +30,6 @@ import torch
 from pyengine import ops
 from pyengine.io.atomic import write_text
 from pyengine.measure.timing import environment, measure
-from pyengine.ops import _dispatch
 
 HEADS_QK = [64, 64, 48, 40, 32, 16]
 HEADS_V = [64, 56, 48, 40, 24, 16]
@@ -43,16 +42,12 @@ def log(msg: str = "") -> None:
     LOG.append(msg)
 
 
-def unavailable(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot be timed on ``device`` (None: it can)."""
-    if backend == "triton":
-        if device.type != "cuda":
-            return "triton timings need a CUDA device (the interpreter is not a speed test)"
-        ok, why = _dispatch.triton_usable(device)
-        return None if ok else why
-    if backend in ("cpu", "cuda") and device.type != backend:
-        return f"backend {backend!r} runs on {backend} tensors, device is {device}"
-    return None
+def unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` of ``op`` cannot be timed on ``device`` (None: it can)."""
+    if backend == "triton" and device.type != "cuda":
+        return "triton timings need a CUDA device (the interpreter is not a speed test)"
+    why = ops.supported_backends(op, device)[backend]
+    return "; ".join(why) if why else None
 
 
 def cases(device: torch.device, batch: int):
@@ -115,7 +110,7 @@ def main(argv=None) -> int:
     for op, case, info, make in cases(device, batch):
         fns = {}
         for b in BACKENDS:
-            why = unavailable(b, device)
+            why = unavailable(op, b, device)
             if why is None:
                 fn = make(b)
                 try:

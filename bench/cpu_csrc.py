@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from pyengine import ops
 from pyengine.io.atomic import write_text
 from pyengine.measure.timing import environment, measure
-from pyengine.ops import _csrc
-from pyengine.ops.importance import importance_reduce_reference
-from pyengine.ops.masked_ffn import masked_ffn_reference
-from pyengine.ops.varlen_attention import varlen_attention_reference
+from pyengine.ops import _ext
+from pyengine.ops import importance_reduce_reference, masked_ffn_reference
+from pyengine.ops import varlen_attention_reference
 
 LOG: list[str] = []
 
@@ -44,19 +44,19 @@ def cases(batch: int):
     sc = [d ** -0.5 for d in qk]
     yield ("varlen_attention", f"B{batch} N197 heads qk{qk} v{vd}",
            lambda: varlen_attention_reference(q, k, v, qk, vd, sc),
-           lambda: _csrc.varlen_attention(q, k, v, qk, vd, sc, "cpu"))
+           lambda: ops.varlen_attention(q, k, v, qk, vd, sc, backend="cpu"))
     x = torch.randn(batch, 197, 384, generator=g)
     w1, b1 = torch.randn(1536, 384, generator=g) / 20, torch.randn(1536, generator=g)
     w2, b2 = torch.randn(384, 1536, generator=g) / 40, torch.randn(384, generator=g)
     keep = torch.randperm(1536, generator=g)[:768].sort().values
     yield ("masked_ffn", f"B{batch} N197 384->1536 keep 768",
            lambda: masked_ffn_reference(x, w1, b1, w2, b2, keep, None, "gelu"),
-           lambda: _csrc.masked_ffn(x, w1, b1, w2, b2, keep, None, "gelu", "cpu"))
+           lambda: ops.masked_ffn(x, w1, b1, w2, b2, keep, None, "gelu", backend="cpu"))
     xs = [torch.randn(batch, 197, c, generator=g) for c in [384, 1536] * 12]
     gs = [torch.randn_like(t) for t in xs]
     yield ("importance_reduce_many", f"12 layers x (384, 1536), B{batch} N197",
            lambda: [importance_reduce_reference(a, b) for a, b in zip(xs, gs)],
-           lambda: _csrc.importance_reduce_many(xs, gs, "cpu"))
+           lambda: ops.importance_reduce_many(xs, gs, backend="cpu"))
 
 
 def diff(a, b) -> float:

@@ -8,7 +8,7 @@ nothing; pyengine._C must already contain its CUDA kernels):
 
 For every op (varlen_attention, masked_ffn, importance_reduce_many) and dtype (bfloat16,
 float32) it
-  1. checks the CUDA kernel (pyengine.ops._csrc, device_kind="cuda") against the torch
+  1. checks the CUDA kernel (pyengine.ops, backend="cuda") against the torch
      reference computed in float64 on the same rounded inputs, on odd shapes too (head dims
      1/7/40, qk dim 0, no kept neurons, 197 tokens);
   2. times the backends "cuda" (csrc), "triton" (pyengine.ops.<op>(..., backend="triton")) and
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from pyengine.ops import _csrc, _ext
-from pyengine.ops.importance import importance_reduce_reference
-from pyengine.ops.masked_ffn import masked_ffn_reference
+from pyengine import ops
+from pyengine.ops import _ext
+from pyengine.ops import importance_reduce_reference, masked_ffn_reference
 from pyengine.io.atomic import write_text
 from pyengine.measure.timing import environment, measure
-from pyengine.ops.varlen_attention import varlen_attention_reference
+from pyengine.ops import varlen_attention_reference
 
 LOG: list[str] = []
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
@@ -75,30 +75,21 @@ def many_inputs(shapes, dtype, dev="cuda"):
 
 # ------------------------------------------------------------------------- backends
 def run_varlen(backend, q, k, v, qk_dims, v_dims, scales):
-    if backend == "cuda":
-        return _csrc.varlen_attention(q, k, v, qk_dims, v_dims, scales, "cuda")
     if backend == "torch":
         return varlen_attention_reference(q, k, v, qk_dims, v_dims, scales)
-    from pyengine.ops.varlen_attention import varlen_attention
-    return varlen_attention(q, k, v, qk_dims, v_dims, scales, backend=backend)
+    return ops.varlen_attention(q, k, v, qk_dims, v_dims, scales, backend=backend)
 
 
 def run_ffn(backend, x, w1, b1, w2, b2, keep, gate, act):
-    if backend == "cuda":
-        return _csrc.masked_ffn(x, w1, b1, w2, b2, keep, gate, act, "cuda")
     if backend == "torch":
         return masked_ffn_reference(x, w1, b1, w2, b2, keep, gate, act)
-    from pyengine.ops.masked_ffn import masked_ffn
-    return masked_ffn(x, w1, b1, w2, b2, keep, gate, act, backend=backend)
+    return ops.masked_ffn(x, w1, b1, w2, b2, keep, gate, act, backend=backend)
 
 
 def run_many(backend, xs, gs):
-    if backend == "cuda":
-        return _csrc.importance_reduce_many(xs, gs, "cuda")
     if backend == "torch":
         return [importance_reduce_reference(x, g) for x, g in zip(xs, gs)]
-    from pyengine.ops.importance import importance_reduce_many
-    return importance_reduce_many(xs, gs, backend=backend)
+    return ops.importance_reduce_many(xs, gs, backend=backend)
 
 
 def ref64(op, args):

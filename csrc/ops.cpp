@@ -5,7 +5,7 @@
 //   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(pyengine, CPU, m)
 //   csrc/cuda/<op>.cu   TORCH_LIBRARY_IMPL(pyengine, CUDA, m)   (CUDA variant only)
 // Fake (meta) implementations for torch.compile / torch.export are registered from Python
-// (pyengine/ops/*.py, torch.library.register_fake).
+// (pyengine/ops/<op>/library.py, torch.library.register_fake).
 //
 // Importing pyengine._C (after torch) runs the static registrations below.
 #include <torch/extension.h>
@@ -17,24 +17,27 @@ TORCH_LIBRARY(pyengine, m) {
   // Output: float32 [3, C]; accumulation in fp32 (CUDA) or fp64 (CPU) for every input dtype.
   // set_python_module: the Python module that registers the op's fake impl (torch imports it
   // when it needs the fake impl and finds none); it applies to the defs that follow it.
-  m.set_python_module("pyengine.ops.importance");
+  m.set_python_module("pyengine.ops.importance_reduce.library");
   m.def("importance_reduce(Tensor x, Tensor? g=None) -> Tensor");
 
-  // The csrc backends of the three hot ops, called from pyengine/ops/_csrc.py (which registers
-  // their fake impls). Named *_fwd / *_many so they never clash with the Python-side custom ops
-  // (pyengine::varlen_attention, ...) that dispatch between backends.
-  m.set_python_module("pyengine.ops._csrc");
+  // The csrc backends of the three hot ops, run by the "cpu" / "cuda" backend classes in
+  // pyengine/ops/<op>/backends.py (their fake impls: pyengine/ops/<op>/library.py). Named
+  // *_fwd / *_many so they never clash with the Python-side custom ops
+  // (pyengine::varlen_attention, ...).
+  m.set_python_module("pyengine.ops.varlen_attention.library");
   // Varlen-head attention forward. q, k: [B, Nq|Nk, sum(qk_dims)], v: [B, Nk, sum(v_dims)],
   // heads packed in order, last dim contiguous (stride 1). Head h: softmax(q_h k_h^T * scales[h])
   // v_h; qk_dims[h] == 0 gives uniform attention. Output: [B, Nq, sum(v_dims)], v's dtype.
   m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, int[] qk_dims, int[] v_dims, "
         "float[] scales) -> Tensor");
+  m.set_python_module("pyengine.ops.masked_ffn.library");
   // Masked FFN forward: fc2((act(fc1(x)) * gate)[..., keep]) with dense weights w1 [H, in],
   // w2 [out, H]; keep: int indices of kept neurons (None: all); gate: per-neuron multipliers
   // over the full hidden width H (broadcast over x's leading dims); act: "gelu", "gelu_tanh",
   // "relu" or "silu". Output: [..., out].
   m.def("masked_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? keep, "
         "Tensor? gate, str act) -> Tensor");
+  m.set_python_module("pyengine.ops.importance_reduce.library");
   // importance_reduce of every xs[i] ([..., C_i]) with gs[i] (empty list: no g) in one call.
   // Output: float32 [3 * sum(C_i)], packed per tensor: entry i is a contiguous [3, C_i] block.
   m.def("importance_reduce_many(Tensor[] xs, Tensor?[] gs) -> Tensor");

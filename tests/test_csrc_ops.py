@@ -1,9 +1,9 @@
 """The csrc C++ CPU kernels of the three hot ops against the torch references.
 
-pyengine.ops._csrc.{varlen_attention, masked_ffn, importance_reduce_many} with device_kind="cpu"
+pyengine.ops.{varlen_attention, masked_ffn, importance_reduce_many} with backend="cpu"
 (torch.ops.pyengine.varlen_attention_fwd / masked_ffn_fwd / importance_reduce_many) on fresh
 random inputs with odd shapes, their argument errors, their fake impls (opcheck,
-torch.compile) and the NotImplementedError of kernels that are not built. The CUDA kernels
+torch.compile) and the error of kernels that are not built. The CUDA kernels
 cannot run here (no GPU): bench/gpu_csrc.py checks them on a GPU.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import random
 import pytest
 import torch
 
-from pyengine.ops import _csrc, _ext
-from pyengine.ops.importance import importance_reduce_reference
-from pyengine.ops.masked_ffn import masked_ffn_reference
-from pyengine.ops.varlen_attention import varlen_attention_reference
+from pyengine import ops
+from pyengine.ops import _ext
+from pyengine.ops import importance_reduce_reference, masked_ffn_reference
+from pyengine.ops import varlen_attention_reference
 
 pytestmark = pytest.mark.skipif(
     not _ext.available(), reason=f"pyengine._C is not built: {_ext.load_error()}")
@@ -52,7 +52,7 @@ def test_varlen_attention_matches_reference(dims, dtype):
     H = len(qk_dims)
     scales = [random.uniform(0.05, 0.5) for _ in range(H)]
     q, k, v = _qkv(2, 197, 197, qk_dims, v_dims, dtype)
-    out = _csrc.varlen_attention(q, k, v, qk_dims, v_dims, scales, "cpu")
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, scales, backend="cpu")
     assert out.shape == (2, 197, sum(v_dims)) and out.dtype == dtype and out.is_contiguous()
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(out.double(), _ref64(q, k, v, qk_dims, v_dims, scales),
@@ -67,7 +67,7 @@ def test_varlen_attention_cross_attention_and_single_scale():
     # Nq != Nk, odd counts, one scale for all heads
     qk_dims, v_dims = [7, 40, 1], [3, 40, 16]
     q, k, v = _qkv(3, 5, 37, qk_dims, v_dims)
-    out = _csrc.varlen_attention(q, k, v, qk_dims, v_dims, 0.125, "cpu")
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, 0.125, backend="cpu")
     torch.testing.assert_close(out.double(), _ref64(q, k, v, qk_dims, v_dims, 0.125),
                                rtol=1e-5, atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_varlen_attention_large_scores_are_stable():
     qk_dims, v_dims = [16, 40], [16, 40]
     q, k, v = _qkv(1, 33, 33, qk_dims, v_dims)
     q, k = q * 30, k * 30
-    out = _csrc.varlen_attention(q, k, v, qk_dims, v_dims, [1.0, 0.7], "cpu")
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, [1.0, 0.7], backend="cpu")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), _ref64(q, k, v, qk_dims, v_dims, [1.0, 0.7]),
                                rtol=1e-4, atol=1e-4)
@@ -87,7 +87,7 @@ def test_varlen_attention_large_scores_are_stable():
 def test_varlen_attention_half_types(dtype):
     qk_dims, v_dims = [1, 7, 16, 40, 64], [64, 40, 16, 7, 1]
     q, k, v = _qkv(2, 21, 21, qk_dims, v_dims, dtype)
-    out = _csrc.varlen_attention(q, k, v, qk_dims, v_dims, 0.2, "cpu")
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, 0.2, backend="cpu")
     assert out.dtype == dtype
     # float32 math on the rounded inputs, one rounding at the end
     torch.testing.assert_close(out.double(), _ref64(q, k, v, qk_dims, v_dims, 0.2),
@@ -107,20 +107,20 @@ def test_varlen_attention_strided_qkv_from_one_projection():
                                rtol=1e-5, atol=1e-5)
     # a transposed last dim is made contiguous by the Python wrapper
     qt = q.contiguous().transpose(0, 1).contiguous().transpose(0, 1)  # token-major layout
-    out2 = _csrc.varlen_attention(qt, k, v, qk_dims, v_dims, scales, "cpu")
+    out2 = ops.varlen_attention(qt, k, v, qk_dims, v_dims, scales, backend="cpu")
     torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
 
 
 def test_varlen_attention_empty_cases():
     q, k, v = _qkv(2, 9, 9, [], [])
-    out = _csrc.varlen_attention(q, k, v, [], [], [], "cpu")            # no heads at all
+    out = ops.varlen_attention(q, k, v, [], [], [], backend="cpu")  # no heads at all
     assert out.shape == (2, 9, 0)
     q, k, v = _qkv(0, 9, 9, [4], [4])
-    assert _csrc.varlen_attention(q, k, v, [4], [4], 1.0, "cpu").shape == (0, 9, 4)
+    assert ops.varlen_attention(q, k, v, [4], [4], 1.0, backend="cpu").shape == (0, 9, 4)
     q, k, v = _qkv(2, 0, 5, [4], [4])
-    assert _csrc.varlen_attention(q, k, v, [4], [4], 1.0, "cpu").shape == (2, 0, 4)
+    assert ops.varlen_attention(q, k, v, [4], [4], 1.0, backend="cpu").shape == (2, 0, 4)
     q, k, v = _qkv(2, 3, 0, [4], [4])                                      # no keys: zeros
-    out = _csrc.varlen_attention(q, k, v, [4], [4], 1.0, "cpu")
+    out = ops.varlen_attention(q, k, v, [4], [4], 1.0, backend="cpu")
     torch.testing.assert_close(out, varlen_attention_reference(q, k, v, [4], [4], 1.0))
 
 
@@ -149,12 +149,13 @@ def test_varlen_attention_errors():
         op(q, k.transpose(0, 2).contiguous().transpose(0, 2), v, [4, 8], [4, 8], [1.0, 1.0])
     with pytest.raises(RuntimeError, match="one device"):
         op(q, k, v.to("meta"), [4, 8], [4, 8], [1.0, 1.0])
-    with pytest.raises(RuntimeError, match="device_kind='cuda' but the tensors are on cpu"):
-        _csrc.varlen_attention(q, k, v, [4, 8], [4, 8], 1.0, "cuda")
-    with pytest.raises(ValueError, match="device_kind must be 'cpu' or 'cuda'"):
-        _csrc.varlen_attention(q, k, v, [4, 8], [4, 8], 1.0, "gpu")
+    with pytest.raises(RuntimeError, match="needs tensors on a cuda device, got cpu"):
+        ops.varlen_attention(q, k, v, [4, 8], [4, 8], 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        ops.varlen_attention(q, k, v, [4, 8], [4, 8], 1.0, backend="gpu")
     with pytest.raises(ValueError, match="2 scales for 1 heads"):
-        _csrc.varlen_attention(q[..., :4], k[..., :4], v[..., :4], [4], [4], [1.0, 2.0], "cpu")
+        ops.varlen_attention(q[..., :4], k[..., :4], v[..., :4], [4], [4], [1.0, 2.0],
+                             backend="cpu")
 
 
 # ------------------------------------------------------------------------------ masked FFN
@@ -173,7 +174,7 @@ def test_masked_ffn_matches_reference(act, dtype):
     w1, b1, w2, b2 = _ffn(40, 96, 24, dtype)
     keep = torch.randperm(96)[:37].sort().values
     gate = torch.rand(96, dtype=dtype)
-    out = _csrc.masked_ffn(x, w1, b1, w2, b2, keep, gate, act, "cpu")
+    out = ops.masked_ffn(x, w1, b1, w2, b2, keep, gate, act, backend="cpu")
     ref = masked_ffn_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(),
                                keep, gate.double(), act)
     assert out.shape == (2, 197, 24) and out.dtype == dtype
@@ -200,14 +201,14 @@ def test_masked_ffn_cases(case):
     elif case == "duplicate_keep":
         keep = torch.tensor([5, 5, 1])
     k_arg = torch.tensor(keep, dtype=torch.int32) if case == "list_keep_int32_unsorted" else keep
-    out = _csrc.masked_ffn(x, w1, b1, w2, b2, k_arg, gate, "gelu", "cpu")
+    out = ops.masked_ffn(x, w1, b1, w2, b2, k_arg, gate, "gelu", backend="cpu")
     ref = masked_ffn_reference(x, w1, b1, w2, b2, keep, gate, "gelu")
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if case == "none_kept":  # no neurons: only the output bias is left
         torch.testing.assert_close(out, b2.expand_as(out))
     if case == "list_keep_int32_unsorted":  # the Python wrapper also takes a list
-        out2 = _csrc.masked_ffn(x, w1, b1, w2, b2, keep, gate, "gelu", "cpu")
+        out2 = ops.masked_ffn(x, w1, b1, w2, b2, keep, gate, "gelu", backend="cpu")
         torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
@@ -215,7 +216,7 @@ def test_masked_ffn_bfloat16():
     x = torch.randn(2, 13, 32).bfloat16()
     w1, b1, w2, b2 = (t.bfloat16() for t in _ffn(32, 64, 32))
     keep = torch.arange(0, 64, 3)
-    out = _csrc.masked_ffn(x, w1, b1, w2, b2, keep, None, "gelu", "cpu")
+    out = ops.masked_ffn(x, w1, b1, w2, b2, keep, None, "gelu", backend="cpu")
     ref = masked_ffn_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(),
                                keep, None, "gelu")
     assert out.dtype == torch.bfloat16
@@ -279,14 +280,14 @@ def test_importance_reduce_many_matches_reference():
         dt = dtypes[i % len(dtypes)]
         xs.append(torch.randn(s).to(dt))
         gs.append(torch.randn(s).to(dt) if i % 3 != 1 else None)
-    out = _csrc.importance_reduce_many(xs, gs, "cpu")
+    out = ops.importance_reduce_many(xs, gs, backend="cpu")
     assert len(out) == len(xs)
     for o, r, x, g in zip(out, _ref_many64(xs, gs), xs, gs):
         assert o.shape == (3, x.shape[-1]) and o.dtype == torch.float32 and o.is_contiguous()
         torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-6)  # double accumulation
         torch.testing.assert_close(o, importance_reduce_reference(x, g), rtol=1e-4, atol=1e-3)
     # without gs: zeros in row 2
-    out = _csrc.importance_reduce_many(xs, None, "cpu")
+    out = ops.importance_reduce_many(xs, None, backend="cpu")
     for o, r in zip(out, _ref_many64(xs, [None] * len(xs))):
         torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-6)
         assert (o[2] == 0).all()
@@ -296,23 +297,24 @@ def test_importance_reduce_many_non_contiguous_and_mixed_pairs():
     x = torch.randn(64, 197).t()                      # [197, 64], transposed
     g = torch.randn(197, 64).double()                  # float64 g of a float32 x: promoted
     y = torch.randn(4, 50, 64)[:, ::3, 1::2]
-    out = _csrc.importance_reduce_many([x, y], [g, None], "cpu")
+    out = ops.importance_reduce_many([x, y], [g, None], backend="cpu")
     ref = _ref_many64([x, y], [g, None])
     for o, r in zip(out, ref):
         torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-6)
 
 
 def test_importance_reduce_many_empty_and_thread_invariant():
-    assert _csrc.importance_reduce_many([], None, "cpu") == []
-    out = _csrc.importance_reduce_many([torch.empty(4, 0), torch.empty(0, 3)], None, "cpu")
+    assert ops.importance_reduce_many([], None, backend="cpu") == []
+    out = ops.importance_reduce_many([torch.empty(4, 0), torch.empty(0, 3)], None,
+                                     backend="cpu")
     assert out[0].shape == (3, 0) and out[1].shape == (3, 3) and (out[1] == 0).all()
     xs = [torch.randn(5000, 40), torch.randn(3, 8)]
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _csrc.importance_reduce_many(xs, xs, "cpu")
+        one = ops.importance_reduce_many(xs, xs, backend="cpu")
         torch.set_num_threads(max(2, n))
-        many = _csrc.importance_reduce_many(xs, xs, "cpu")
+        many = ops.importance_reduce_many(xs, xs, backend="cpu")
     finally:
         torch.set_num_threads(n)
     for a, b in zip(one, many):
@@ -333,29 +335,29 @@ def test_importance_reduce_many_errors():
     with pytest.raises(RuntimeError, match="all tensors must be on one device"):
         op([torch.randn(2, 3), torch.randn(2, 3, device="meta")], [])
     with pytest.raises(ValueError, match="2 tensors in xs but 1 in gs"):
-        _csrc.importance_reduce_many(xs, [None], "cpu")
+        ops.importance_reduce_many(xs, [None], backend="cpu")
 
 
 # ------------------------------------------------------ availability, fakes and tracing
 def test_available_and_not_built(monkeypatch):
-    for op in _csrc.OPS:
-        assert _csrc.available(op, "cpu")
-        assert _csrc.available(op, "cuda") == _ext.has_cuda_kernels()
+    for op in ("varlen_attention", "masked_ffn", "importance_reduce_many"):
+        assert "cpu" in ops.available_backends(op, "cpu")
+        assert ("cuda" in ops.available_backends(op, "cuda")) == _ext.has_cuda_kernels()
     with pytest.raises(ValueError, match="unknown op 'conv'"):
-        _csrc.available("conv", "cpu")
-    # pretend pyengine._C failed to load: every csrc function says why, as NotImplementedError
+        ops.available_backends("conv", "cpu")
+    # pretend pyengine._C failed to load: every csrc backend says why
     monkeypatch.setattr(_ext, "_tried", True)
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_error", "pyengine._C could not be imported (ImportError: nope)")
-    assert not _csrc.available("masked_ffn", "cpu")
+    assert "cpu" not in ops.available_backends("masked_ffn", "cpu")
     x = torch.randn(2, 4)
-    with pytest.raises(NotImplementedError, match="csrc cpu kernel is not available.*nope"):
-        _csrc.importance_reduce_many([x], None, "cpu")
-    with pytest.raises(NotImplementedError, match="nope"):
-        _csrc.varlen_attention(x[None], x[None], x[None], [4], [4], 1.0, "cpu")
+    with pytest.raises(ops.BackendNotAvailable, match="backend='cpu' is not available.*nope"):
+        ops.importance_reduce_many([x], None, backend="cpu")
+    with pytest.raises(ops.BackendNotAvailable, match="nope"):
+        ops.varlen_attention(x[None], x[None], x[None], [4], [4], 1.0, backend="cpu")
     w1, b1, w2, b2 = _ffn(4, 8, 4)
-    with pytest.raises(NotImplementedError, match="nope"):
-        _csrc.masked_ffn(x, w1, b1, w2, b2, None, None, "gelu", "cpu")
+    with pytest.raises(ops.BackendNotAvailable, match="nope"):
+        ops.masked_ffn(x, w1, b1, w2, b2, None, None, "gelu", backend="cpu")
 
 
 def test_opcheck_all_ops():

@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
+from pyengine import ops
 from pyengine.ops import _ext
-from pyengine.ops import importance as imp
-from pyengine.ops.importance import importance_reduce, importance_reduce_reference
+from pyengine.ops import importance_reduce, importance_reduce_reference
 
 needs_ext = pytest.mark.skipif(
     not _ext.available(), reason=f"pyengine._C is not built: {_ext.load_error()}")
@@ -255,8 +255,9 @@ def test_auto_backend_matches_reference():
     out = importance_reduce(x, g)  # auto: the csrc kernel when built, else torch
     ref = importance_reduce_reference(x, g)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    assert "torch" in imp.available_backends("cpu")
-    assert ("cpu" in imp.available_backends("cpu")) == _ext.has_kernel("importance_reduce", "cpu")
+    assert "torch" in ops.available_backends("importance_reduce", "cpu")
+    assert ("cpu" in ops.available_backends("importance_reduce", "cpu")) == \
+        _ext.has_kernel("importance_reduce", "cpu")
 
 
 def test_dispatch_errors():
@@ -264,7 +265,7 @@ def test_dispatch_errors():
     with pytest.raises(ValueError, match="unknown backend 'fast'.*auto, torch, triton, cuda, cpu"):
         importance_reduce(x, backend="fast")
     # backend="triton" works on CPU tensors only under TRITON_INTERPRET (tests/test_triton_*.py)
-    with pytest.raises(RuntimeError, match="needs x on a cuda device"):
+    with pytest.raises(RuntimeError, match="needs tensors on a cuda device"):
         importance_reduce(x, backend="cuda")
     with pytest.raises(ValueError, match="shape of x"):
         importance_reduce(x, torch.randn(4, 9), backend="torch")
@@ -281,7 +282,8 @@ def test_dispatch_errors():
 
 
 def test_unavailable_extension_falls_back(monkeypatch):
-    # pretend pyengine._C failed to load
+    # pretend pyengine._C failed to load (and Triton's CPU interpreter is off)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_ext, "_tried", True)
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_error", "pyengine._C could not be imported (ImportError: nope)")
@@ -291,20 +293,21 @@ def test_unavailable_extension_falls_back(monkeypatch):
     torch.testing.assert_close(importance_reduce(x, g), importance_reduce_reference(x, g))
     with pytest.raises(RuntimeError, match="backend='cpu' is not available.*ImportError: nope"):
         importance_reduce(x, g, backend="cpu")
-    assert imp.available_backends("cpu") == ["torch"]
+    assert ops.available_backends("importance_reduce", "cpu") == ["torch"]
 
 
 def test_import_without_extension():
     # a fresh interpreter where pyengine._C is disabled: pyengine.ops still imports and works
     code = (
         "import torch\n"
-        "from pyengine.ops import _ext, importance as imp\n"
+        "from pyengine import ops\n"
+        "from pyengine.ops import _ext\n"
         "assert not _ext.available(), 'extension should be disabled'\n"
         "assert 'PYENGINE_DISABLE_EXT' in _ext.load_error()\n"
-        "out = imp.importance_reduce(torch.randn(2, 3, 4))\n"
+        "out = ops.importance_reduce(torch.randn(2, 3, 4))\n"
         "assert out.shape == (3, 4) and out.dtype == torch.float32\n"
         "try:\n"
-        "    imp.importance_reduce(torch.randn(2, 4), backend='cpu')\n"
+        "    ops.importance_reduce(torch.randn(2, 4), backend='cpu')\n"
         "except RuntimeError as e:\n"
         "    assert 'PYENGINE_DISABLE_EXT' in str(e), e\n"
         "else:\n"

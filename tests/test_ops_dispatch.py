@@ -1,15 +1,21 @@
-"""Backend dispatch of the three ops: the auto table, the csrc route (pyengine.ops._csrc), clear
-errors, and the Triton custom ops under torch.library checks, torch.compile and torch.export."""
-import sys
-import types
+"""Backend dispatch of the three ops: one rule for "auto" (priority lists, backends with reasons
+skipped), the csrc route, errors that list every backend's reasons, the gradient guard,
+available_backends, and the Triton custom ops under torch.library checks, torch.compile and
+torch.export."""
+import importlib.util
+import os
 
 import pytest
 import torch
 
 import pyengine.ops as ops
-from pyengine.ops import _dispatch
+from pyengine.ops import _ext, priority
+from pyengine.ops.importance_reduce import backends as imp_backends
+from pyengine.ops.masked_ffn import backends as ffn_backends
+from pyengine.ops.varlen_attention import backends as attn_backends
 
 QK, V = [7, 16, 0], [5, 16, 3]
+OPS = ("varlen_attention", "masked_ffn", "importance_reduce", "importance_reduce_many")
 
 
 def _attn_inputs(B=2, N=11, grad=False):
@@ -19,37 +25,73 @@ def _attn_inputs(B=2, N=11, grad=False):
     return q, k, v, [0.4, 0.25, 1.0]
 
 
-def _ffn_inputs():
-    x = torch.randn(2, 5, 12)
+def _ffn_inputs(grad=False):
+    x = torch.randn(2, 5, 12, requires_grad=grad)
     w1, b1 = torch.randn(20, 12) * 0.3, torch.randn(20)
     w2, b2 = torch.randn(6, 20) * 0.2, torch.randn(6)
     return x, w1, b1, w2, b2
 
 
+def _call(op, backend="auto", grad=False):
+    """Run ``op`` on fresh inputs; (output, reference output, the inputs that require grad)."""
+    if op == "varlen_attention":
+        q, k, v, s = _attn_inputs(grad=grad)
+        return (ops.varlen_attention(q, k, v, QK, V, s, backend=backend),
+                ops.varlen_attention_reference(q, k, v, QK, V, s), [q, k, v])
+    x, w1, b1, w2, b2 = _ffn_inputs(grad=grad)
+    if op == "masked_ffn":
+        return (ops.masked_ffn(x, w1, b1, w2, b2, keep=[1, 4], act="relu", backend=backend),
+                ops.masked_ffn_reference(x, w1, b1, w2, b2, [1, 4], None, "relu"), [x])
+    if op == "importance_reduce":
+        return (ops.importance_reduce(x, backend=backend), ops.importance_reduce_reference(x),
+                [x])
+    return (ops.importance_reduce_many([x, w1], None, backend=backend),
+            ops.importance_reduce_many_reference([x, w1]), [x])
+
+
+def _listed(out):
+    return out if isinstance(out, list) else [out]
+
+
+_CSRC = {"varlen_attention": attn_backends._Csrc, "masked_ffn": ffn_backends._Csrc,
+         "importance_reduce": imp_backends._Csrc, "importance_reduce_many": imp_backends._CsrcMany}
+
+
 @pytest.fixture
 def fake_csrc(monkeypatch):
-    """A stand-in pyengine.ops._csrc that records calls and answers with the references."""
+    """The csrc backends of every op, built or not, replaced by recorders that answer with the
+    references."""
     calls = []
-    mod = types.ModuleType("pyengine.ops._csrc")
 
-    def varlen_attention(q, k, v, qk_dims, v_dims, scales, device_kind):
-        calls.append(("varlen_attention", device_kind, qk_dims, v_dims, scales))
+    def varlen_attention(self, q, k, v, qk_dims, v_dims, scales):
+        calls.append(("varlen_attention", self.name, qk_dims, v_dims, scales))
         return ops.varlen_attention_reference(q, k, v, qk_dims, v_dims, scales)
 
-    def masked_ffn(x, w1, b1, w2, b2, keep, gate, act, device_kind):
-        calls.append(("masked_ffn", device_kind, keep, act))
+    def masked_ffn(self, x, w1, b1, w2, b2, keep, gate, act):
+        calls.append(("masked_ffn", self.name, keep, act))
         return ops.masked_ffn_reference(x, w1, b1, w2, b2, keep, gate, act)
 
-    def importance_reduce_many(xs, gs, device_kind):
-        calls.append(("importance_reduce_many", device_kind, len(xs)))
+    def importance_reduce(self, x, g):
+        calls.append(("importance_reduce", self.name))
+        return ops.importance_reduce_reference(x, g)
+
+    def importance_reduce_many(self, xs, gs):
+        calls.append(("importance_reduce_many", self.name, len(xs)))
         return ops.importance_reduce_many_reference(xs, gs)
 
-    mod.varlen_attention, mod.masked_ffn = varlen_attention, masked_ffn
-    mod.importance_reduce_many = importance_reduce_many
-    monkeypatch.setitem(sys.modules, "pyengine.ops._csrc", mod)
-    monkeypatch.setattr(ops, "_csrc", mod, raising=False)
-    monkeypatch.setattr(ops.importance, "_csrc_missing", {})
+    for op, fn in (("varlen_attention", varlen_attention), ("masked_ffn", masked_ffn),
+                   ("importance_reduce", importance_reduce),
+                   ("importance_reduce_many", importance_reduce_many)):
+        monkeypatch.setattr(_CSRC[op], "run", fn)
+        monkeypatch.setattr(_CSRC[op], "unavailable", lambda self: None)
     return calls
+
+
+def _no_extension(monkeypatch, error="pyengine._C not built (ImportError: nope)"):
+    """Pretend pyengine._C failed to load."""
+    monkeypatch.setattr(_ext, "_tried", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", error)
 
 
 def test_cpu_backend_routes_to_csrc(fake_csrc):
@@ -73,15 +115,7 @@ def test_auto_importance_many_prefers_csrc_when_built(fake_csrc):
 
 
 def test_unbuilt_csrc_is_a_clear_error(monkeypatch):
-    mod = types.ModuleType("pyengine.ops._csrc")
-
-    def not_built(*args):
-        raise NotImplementedError("pyengine._C was built without varlen_attention")
-
-    mod.varlen_attention = mod.masked_ffn = mod.importance_reduce_many = not_built
-    monkeypatch.setitem(sys.modules, "pyengine.ops._csrc", mod)
-    monkeypatch.setattr(ops, "_csrc", mod, raising=False)
-    monkeypatch.setattr(ops.importance, "_csrc_missing", {})
+    _no_extension(monkeypatch)
     q, k, v, s = _attn_inputs()
     with pytest.raises(RuntimeError, match="backend='cpu' is not available.*not built"):
         ops.varlen_attention(q, k, v, QK, V, s, backend="cpu")
@@ -90,9 +124,12 @@ def test_unbuilt_csrc_is_a_clear_error(monkeypatch):
         ops.masked_ffn(x, w1, b1, w2, b2, backend="cpu")
     with pytest.raises(RuntimeError, match="importance_reduce_many: backend='cpu' is not avail"):
         ops.importance_reduce_many([x], backend="cpu")
+    with pytest.raises(ops.BackendNotAvailable, match="nope"):
+        ops.importance_reduce(x, backend="cpu")
     # auto falls back on the reference when the csrc kernel is not built
     got = ops.importance_reduce_many([x])
     torch.testing.assert_close(got[0], ops.importance_reduce_reference(x))
+    torch.testing.assert_close(ops.importance_reduce(x), ops.importance_reduce_reference(x))
 
 
 def test_wrong_device_and_unknown_backend():
@@ -120,10 +157,14 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         ops.importance_reduce_many([x], backend="triton")
 
 
-def test_auto_follows_the_table(monkeypatch):
+def test_auto_follows_the_priority_list(monkeypatch):
     pytest.importorskip("triton")
-    # honest default: no GPU timings yet, so auto is the reference everywhere
-    assert set(_dispatch.AUTO.values()) == {"torch"}
+    # honest default: no GPU timings yet, so auto is the reference for attention and the FFN
+    assert {priority.auto_order(op, dev) for op in ("varlen_attention", "masked_ffn")
+            for dev in ("cpu", "cuda")} == {("torch",)}
+    # every list ends with the reference, so auto always has a backend
+    assert all(order[-1] == "torch" for lists in priority.PRIORITY.values()
+               for order in lists.values())
     q, k, v, s = _attn_inputs()
     calls = []
     real = torch.ops.pyengine.varlen_attention_triton
@@ -136,11 +177,120 @@ def test_auto_follows_the_table(monkeypatch):
     monkeypatch.setattr(torch.ops.pyengine, "varlen_attention_triton", Spy())
     ops.varlen_attention(q, k, v, QK, V, s)
     assert calls == []
-    monkeypatch.setitem(_dispatch.AUTO, ("varlen_attention", "cpu"), "triton")
+    monkeypatch.setitem(priority.PRIORITY["varlen_attention"], "cpu", ("triton", "torch"))
     out = ops.varlen_attention(q, k, v, QK, V, s)
     assert calls == [6]
     torch.testing.assert_close(out, ops.varlen_attention_reference(q, k, v, QK, V, s),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_is_one_rule_for_every_op(op, fake_csrc, monkeypatch):
+    # the first backend of the list without reasons runs: cuda (tensors on cpu) is skipped
+    monkeypatch.setitem(priority.PRIORITY, op, {"cpu": ("cuda", "cpu", "torch")})
+    out, ref, _ = _call(op)
+    assert [c[:2] for c in fake_csrc] == [(op, "cpu")]
+    for a, b in zip(_listed(out), _listed(ref)):
+        torch.testing.assert_close(a, b)
+    # a backend that is not available is skipped the same way: on to the reference
+    monkeypatch.setattr(_CSRC[op], "unavailable", lambda self: "not built here")
+    fake_csrc.clear()
+    _call(op)
+    assert fake_csrc == []
+    # the order of the list decides, not the order of the backends
+    monkeypatch.setattr(_CSRC[op], "unavailable", lambda self: None)
+    monkeypatch.setitem(priority.PRIORITY, op, {"cpu": ("torch", "cpu")})
+    _call(op)
+    assert fake_csrc == []
+    # a device kind without a list runs the reference
+    assert priority.auto_order(op, "mps") == ("torch",)
+
+
+def test_no_backend_error_lists_every_backends_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _no_extension(monkeypatch)
+    monkeypatch.setitem(priority.PRIORITY["varlen_attention"], "cpu", ("triton", "cuda", "cpu"))
+    q, k, v, s = _attn_inputs()
+    with pytest.raises(ops.BackendNotAvailable) as e:
+        ops.varlen_attention(q, k, v, QK, V, s)
+    msg = str(e.value)
+    assert msg.startswith("varlen_attention: no backend for these inputs: ")
+    assert "torch: not in auto's priority list for cpu (triton, cuda, cpu)" in msg
+    assert "triton: the Triton kernels need CUDA tensors (got cpu)" in msg
+    assert "cuda: needs tensors on a cuda device, got cpu, pyengine._C not built" in msg
+    assert "cpu: pyengine._C not built (ImportError: nope)" in msg
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_explicit_backend_error_lists_its_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, s = _attn_inputs()
+    with pytest.raises(ops.BackendNotAvailable,
+                       match=r"^varlen_attention: backend='triton' is not available: the Triton "
+                             r"kernels need CUDA tensors \(got cpu\).*; takes float32, float16, "
+                             r"bfloat16 tensors, got float64$"):
+        ops.varlen_attention(q.double(), k.double(), v.double(), QK, V, s, backend="triton")
+    # a backend that only fails on dtypes is also a TypeError, as the kernels raised before
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="takes float32, float16, bfloat16 tensors, got float64"):
+        ops.varlen_attention(q.double(), k.double(), v.double(), QK, V, s, backend="triton")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_guard(op, monkeypatch):
+    # an explicit backend without a backward refuses inputs that require grad, naming those
+    # that have one, instead of returning an output whose gradients are silently None
+    if not _ext.has_kernel(_CSRC[op].kernel, "cpu"):
+        pytest.skip(f"pyengine._C has no cpu {_CSRC[op].kernel}: {_ext.load_error()}")
+    grads = "torch, triton" if op in ("varlen_attention", "masked_ffn") else "torch"
+    with pytest.raises(ops.BackendNotAvailable,
+                       match=f"backend='cpu' is not available: has no backward and an input "
+                             f"requires grad \\(backends with gradients: {grads}\\)"):
+        _call(op, "cpu", grad=True)
+    # without grad mode (inference) the same call runs the kernel
+    with torch.no_grad():
+        out, ref, _ = _call(op, "cpu", grad=True)
+    for a, b in zip(_listed(out), _listed(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # auto with a backward-less first choice runs the reference, and the gradients arrive
+    monkeypatch.setitem(priority.PRIORITY, op, {"cpu": ("cpu", "torch")})
+    out, ref, leaves = _call(op, grad=True)
+    got = torch.autograd.grad(sum(o.sum() for o in _listed(out)), leaves)
+    assert all(g is not None and torch.isfinite(g).all() for g in got)
+    want = torch.autograd.grad(sum(r.sum() for r in _listed(ref)), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_available_backends_for_every_op(op, monkeypatch):
+    kernel = _CSRC[op].kernel
+    cpu = ops.available_backends(op, "cpu")
+    assert cpu[0] == "torch"
+    assert ("cpu" in cpu) == _ext.has_kernel(kernel, "cpu")
+    assert "cuda" not in cpu
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    assert ("triton" in cpu) == (importlib.util.find_spec("triton") is not None and interpret)
+    cuda = ops.available_backends(op, "cuda")
+    assert "cpu" not in cuda and ("cuda" in cuda) == _ext.has_kernel(kernel, "cuda")
+    report = ops.supported_backends(op, "cpu")
+    assert list(report) == ["torch", "triton", "cuda", "cpu"]
+    assert report["torch"] == [] and "needs tensors on a cuda device" in report["cuda"][0]
+    # without the extension: only the reference (and Triton's interpreter, switched off here)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _no_extension(monkeypatch)
+    assert ops.available_backends(op, "cpu") == ["torch"]
+    assert ops.supported_backends(op, "cpu")["cpu"] == ["pyengine._C not built (ImportError: nope)"]
+    with pytest.raises(ValueError, match="unknown op 'conv'"):
+        ops.available_backends("conv")
+
+
+def test_describe_reports_every_op():
+    text = ops.describe()
+    assert text.splitlines()[0].startswith("pyengine._C: ")
+    for op in OPS:
+        assert f"\n{op}\n  cpu: auto -> " in text
+    assert "  cpu: auto -> torch" in text
 
 
 def test_triton_custom_ops_pass_opcheck():

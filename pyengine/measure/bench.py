@@ -221,7 +221,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
     """Run the compact attention layers of ``model`` on ``backend`` ("auto", "torch",
     "triton", "cuda", "cpu"; see :func:`pyengine.ops.varlen_attention`); returns how many."""
     from pyengine.models.vit.compact import CompactAttention
-    from pyengine.ops.varlen_attention import BACKENDS
+    from pyengine.ops import BACKENDS
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     n = 0

@@ -9,6 +9,7 @@ raises: :func:`available` says whether the extension loaded and :func:`load_erro
     if _ext.available(): ...
     _ext.has_cuda_kernels()   # the build contains csrc/cuda kernels
     _ext.load_error()         # None, or the ImportError text
+    _ext.why_no_kernel("masked_ffn_fwd", "cuda")   # None, or why that kernel is missing
 
 Set ``PYENGINE_DISABLE_EXT=1`` to pretend the extension is not built (tests of the fallbacks).
 """
@@ -105,6 +106,21 @@ def has_kernel(name: str, device_type: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"pyengine::{name}", key))
     except (AttributeError, RuntimeError):  # private API moved: fall back on the build flag
         return device_type == "cpu" or (device_type == "cuda" and has_cuda_kernels())
+
+
+def why_no_kernel(name: str, device_type: str) -> str | None:
+    """Why ``torch.ops.pyengine.<name>`` has no ``device_type`` kernel here; None when it has.
+
+    The one "not built" message of pyengine: the csrc backends of every op report it.
+    """
+    if has_kernel(name, device_type):
+        return None
+    if not available():
+        return load_error()
+    if device_type == "cuda" and not has_cuda_kernels():
+        return ("this build of pyengine._C has no CUDA kernels (built C++ only: no CUDA toolkit "
+                "matching torch.version.cuda, a CPU build of torch, or PYENGINE_NO_CUDA=1)")
+    return f"pyengine._C has no {device_type} kernel for pyengine::{name} (rebuild it)"
 
 
 def describe() -> str:

@@ -53,7 +53,7 @@ def run(a) -> int:
                          set_attention_backend, write_json)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from pyengine.ops.varlen_attention import BACKENDS
+    from pyengine.ops import BACKENDS
     batches = parse_batches(a.batch)  # fail early, before any model is built
     if a.backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {a.backend!r}; choose from {BACKENDS}")
