@@ -7,6 +7,6 @@
     importance         per-channel sums of |x|, x^2, |x*g| for many tensors in one launch
 
 Import them only through ``pyengine.ops`` (backend="triton"; the torch.library custom ops are
-in pyengine/ops/_custom.py). Set TRITON_INTERPRET=1 before the first import to run them on a
+in pyengine/ops/<op>/library.py). Set TRITON_INTERPRET=1 before the first import to run them on a
 CPU (the tests do).
 """

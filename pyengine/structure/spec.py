@@ -128,6 +128,23 @@ def _index_list(value: Any, where: str, upper: int | None) -> tuple[int, ...]:
     return tuple(sorted(value))
 
 
+# Spec types of further model families, by the "family" key their JSON carries; ViT specs
+# (no key, "blocks") and ResNet specs (no key, "stages") are read without one.
+SPEC_TYPES: dict[str, type] = {}
+
+
+def register_spec_type(family: str):
+    """Class decorator for a model family's own spec type (a frozen dataclass with
+    ``from_dict``/``to_dict``/``to_json``/``check_geometry``/``full``): ``Spec.from_json`` and
+    ``pyengine.load`` return it when the JSON says ``"family": family``; its ``to_dict`` must
+    write that key."""
+    def deco(cls):
+        SPEC_TYPES[family] = cls
+        cls.family = family
+        return cls
+    return deco
+
+
 class _JsonFile:
     """Reading and writing a spec as JSON text or a file; ``from_dict`` validates."""
 
@@ -187,8 +204,15 @@ class Spec(_JsonFile):
         """Validate a ViT spec; a CNN spec (it has ``stages``) comes back as a :class:`CnnSpec`."""
         if not isinstance(d, Mapping):
             raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
-        if "stages" in d and cls is Spec:
-            return CnnSpec.from_dict(d)  # type: ignore[return-value]
+        if cls is Spec:
+            family = d.get("family")
+            if family is not None:
+                if family not in SPEC_TYPES:
+                    raise SpecError(f"unknown spec family {family!r}; known: "
+                                    f"{', '.join(sorted(SPEC_TYPES))}")
+                return SPEC_TYPES[family].from_dict(d)  # type: ignore[return-value]
+            if "stages" in d:
+                return CnnSpec.from_dict(d)  # type: ignore[return-value]
         fmt = d.get("format", FORMAT)
         if fmt != FORMAT:
             raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
