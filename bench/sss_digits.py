@@ -21,7 +21,7 @@ import pyengine
 from pyengine.methods import sss
 from pyengine.methods.base import run_method
 from pyengine.models import zoo
-from pyengine.io.atomic import write_bytes, write_json, write_text
+from pyengine.io.atomic import write_json, write_text
 from pyengine.measure.timing import environment
 from pyengine.train.data import loaders
 from pyengine.train.trainer import DIGITS_RECIPE, evaluate, fit, seed_everything
@@ -64,10 +64,9 @@ def main(argv=None) -> int:
     else:
         model, name = zoo.digits_resnet(a.resnet), f"digits_resnet({a.resnet})"
         model.pyengine_img_size = r["img_size"]
-    from safetensors.torch import load_file, save as st_save
+    from pyengine.train.cache import load_trained, save_trained
     dense_source = {"trained_here": True, "recipe": r}
-    if a.dense_cache and Path(a.dense_cache).is_file():
-        model.load_state_dict(load_file(a.dense_cache))
+    if a.dense_cache and load_trained(model, a.dense_cache) is not None:
         dense_source = {"trained_here": False, "weights": a.dense_cache,
                         "note": "trained by an earlier run of this script with the same model; "
                                 "its raw log is committed beside this file as *.dense.log"}
@@ -80,9 +79,7 @@ def main(argv=None) -> int:
             seed=a.seed, progress=False,
             log=lambda row: print("dense", json.dumps(row), flush=True))
         if a.dense_cache:
-            Path(a.dense_cache).parent.mkdir(parents=True, exist_ok=True)
-            write_bytes(Path(a.dense_cache), st_save(
-                {k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+            save_trained(model, a.dense_cache, {"recipe": r, "epochs": a.dense_epochs})
     model.eval()
     dense_top1 = evaluate(model, val)
     dense_cost = pyengine.cost(model, **({"img_size": r["img_size"]} if a.arch == "resnet" else {}))

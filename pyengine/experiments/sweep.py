@@ -9,7 +9,6 @@ trained dense model and measure top-1 on the validation split (one-shot: no fine
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -40,39 +39,27 @@ def build_dense(arch: str) -> nn.Module:
     raise ValueError(f"unknown digits architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-def _atomic_save_state(model: nn.Module, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(tmp), metadata={"pyengine": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
 def trained_dense(arch: str, cache_dir="out/dense", seed: int = 0, progress: bool = True
                   ) -> tuple[nn.Module, dict]:
     """A dense digits model trained with ``pyengine.train.DIGITS_RECIPE`` (cached as
     safetensors in ``cache_dir``: the weights, with the recipe and history in its metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from pyengine.train import trainer as train
+    from pyengine.train.cache import load_trained, save_trained
     if arch not in ARCHS:
         raise ValueError(f"unknown digits architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     path = Path(cache_dir) / f"digits_{arch}_seed{seed}.safetensors"
     model = build_dense(arch)
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)), strict=True)
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["pyengine"])
+    meta = load_trained(model, path)
+    if meta is not None:
         return model.eval(), meta
     recipe = {**train.DIGITS_RECIPE, "seed": seed}
     t0 = time.time()
     model, hist = train.train_digits(model, recipe, progress=progress)
     meta = {"arch": arch, "seed": seed, "recipe": recipe,
-            "model_overrides": VIT_LITE if arch == "vit_lite" else {}, "trainer": "pyengine.train.train_digits",
-            "history": hist, "train_seconds": time.time() - t0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_state(model, path, meta)
+            "model_overrides": VIT_LITE if arch == "vit_lite" else {},
+            "trainer": "pyengine.train.train_digits", "history": hist,
+            "train_seconds": time.time() - t0}
+    save_trained(model, path, meta)
     return model.eval(), meta
 
 
