@@ -32,7 +32,7 @@ from torch import nn
 
 from pyengine.methods.apg import APG
 from pyengine.methods.base import Method, MethodContext, register_method
-from pyengine.structure.gates import Gates, _consistent, register_gates
+from pyengine.structure.gates import Gates, register_gates
 
 __all__ = ["ScaleGates", "scale_factors", "SSS",
            "threshold_to_target", "structure_macs", "SSSController", "frozen_norms"]
@@ -59,12 +59,6 @@ class ScaleGates(Gates):
                 self.register_parameter(name, nn.Parameter(t))
             else:
                 self.register_buffer(name, t)
-
-    def values(self) -> dict[str, torch.Tensor]:
-        return _consistent({k: getattr(self, k) for k in self.shapes})
-
-    def hard(self) -> dict[str, torch.Tensor]:
-        return {k: v != 0 for k, v in self.values().items()}
 
     @torch.no_grad()
     def set_hard(self, masks: Mapping[str, torch.Tensor]) -> None:

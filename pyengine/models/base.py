@@ -93,7 +93,19 @@ class Adapter:
         raise NotImplementedError
 
     def dense_config(self, model: nn.Module, name: str | None) -> dict:
-        """``{"architecture", "kwargs"}`` that rebuild the dense container with timm."""
+        """``{"architecture", "kwargs"}`` that rebuild the dense container with timm: what
+        ``pyengine.create_model`` recorded, else the name and :meth:`rebuild_kwargs`."""
+        from pyengine.models.factory import remembered_config
+        cfg = remembered_config(model)
+        if cfg:
+            return cfg
+        if name is None:
+            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
+                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
+        return {"architecture": name, "kwargs": self.rebuild_kwargs(model)}
+
+    def rebuild_kwargs(self, model: nn.Module) -> dict:
+        """timm.create_model kwargs that rebuild a model not made by pyengine.create_model."""
         raise NotImplementedError
 
     # ---- cost and importance -----------------------------------------------------------------

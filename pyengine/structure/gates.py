@@ -73,11 +73,13 @@ class Gates(nn.Module):
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
 
     def values(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The slot values the forward multiplies in (default: a tensor attribute per slot,
+        made consistent)."""
+        return _consistent({k: getattr(self, k) for k in self.shapes})
 
     def hard(self) -> dict[str, torch.Tensor]:
         """Boolean keep-masks per slot, already made consistent (see :func:`_consistent`)."""
-        raise NotImplementedError
+        return {k: v != 0 for k, v in self.values().items()}
 
     def set_hard(self, masks: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError
@@ -94,12 +96,6 @@ class MaskGates(Gates):
         super().__init__(shapes)
         for name, shape in self.shapes.items():
             self.register_buffer(name, torch.ones(shape))
-
-    def values(self) -> dict[str, torch.Tensor]:
-        return _consistent({k: getattr(self, k) for k in self.shapes})
-
-    def hard(self) -> dict[str, torch.Tensor]:
-        return {k: v != 0 for k, v in self.values().items()}
 
     @torch.no_grad()
     def set_hard(self, masks: Mapping[str, torch.Tensor]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import nn
 
 from pyengine.models.base import Adapter, register_adapter
-from pyengine.models.factory import remembered_config
 from pyengine.models.resnet import blocks
 from pyengine.structure.spec import CnnGeometry, CnnSpec, SpecError
 
@@ -61,16 +60,9 @@ class ResNetAdapter(Adapter):
         s.check_geometry(g, name)
         return CnnSpec(s.stages, model=s.model or name, dense=s.dense or g, meta=s.meta)
 
-    def dense_config(self, model: nn.Module, name: str | None) -> dict:
-        cfg = remembered_config(model)
-        if cfg:
-            return cfg
-        if name is None:
-            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
-                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
+    def rebuild_kwargs(self, model: nn.Module) -> dict:
         g = blocks.geometry(model)
-        return {"architecture": name, "kwargs": {"num_classes": g.num_classes,
-                                                 "in_chans": g.in_chans}}
+        return {"num_classes": g.num_classes, "in_chans": g.in_chans}
 
     def cost(self, model_or_spec, rows, batch: int, **options) -> str:
         from pyengine.models.resnet.cost import cost_rows

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from pyengine.models.base import Adapter, UnsupportedModuleError, register_adapter
-from pyengine.models.factory import remembered_config
 from pyengine.models.vit.compact import CompactBlock, compact_block, fold_gates
 from pyengine.models.vit.gated import GatedAttention, GatedMlp
 from pyengine.structure.spec import Block, Geometry, Head, Spec, SpecError
@@ -148,13 +147,7 @@ class ViTAdapter(Adapter):
             raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
         return s.with_dense(g, name)
 
-    def dense_config(self, model: nn.Module, name: str | None) -> dict[str, Any]:
-        cfg = remembered_config(model)
-        if cfg:
-            return cfg
-        if name is None:
-            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
-                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
+    def rebuild_kwargs(self, model: nn.Module) -> dict[str, Any]:
         g = geometry(model)
         blk = model.blocks[0]
         from timm.layers import LayerScale
@@ -169,7 +162,7 @@ class ViTAdapter(Adapter):
             fc_norm=not isinstance(model.fc_norm, nn.Identity),
             init_values=1.0 if isinstance(blk.ls1, LayerScale) else None,
             dynamic_img_size=getattr(model, "dynamic_img_size", False))
-        return {"architecture": name, "kwargs": kw}
+        return kw
 
     def cost(self, model_or_spec, rows, batch: int, **options) -> str:
         from pyengine.models.vit.cost import cost_rows
