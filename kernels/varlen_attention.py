@@ -346,6 +346,9 @@ WIDTHS = (16, 32, 64, 128, 256)  # the tile widths pow2_at_least() gives for dim
 # written): bench/gpu_ops.py measures them. kernels/aot.py compiles every row for sm_80/sm_90.
 FWD_BLOCKS = ((64, (128, 64, 4, 3)), (128, (128, 32, 8, 2)), (MAX_HEAD_DIM, (64, 32, 8, 1)))
 BWD_BLOCKS = ((64, (64, 64, 4, 1)), (MAX_HEAD_DIM, (64, 32, 8, 1)))
+# fp32 (IEEE dots, on FMAs) stages twice the bytes in shared memory: heads over 128 wide at
+# 64 x 32 need 200 KiB in dK/dV, over sm_80's 163 KiB; at 32 x 32 they need 132 KiB
+BWD_BLOCKS_FP32 = ((64, (64, 64, 4, 1)), (128, (64, 32, 8, 1)), (MAX_HEAD_DIM, (32, 32, 8, 1)))
 INTERPRET_BLOCKS = (32, 32, 4, 1)
 DELTA_WARPS, DELTA_STAGES = 4, 3  # the delta kernel: Triton's defaults
 
@@ -410,7 +413,9 @@ def _bucket_args(group) -> dict:
 
 
 def _table(dtype, backward: bool):
-    return BWD_BLOCKS if backward else FWD_BLOCKS
+    if not backward:
+        return FWD_BLOCKS
+    return BWD_BLOCKS_FP32 if dtype == torch.float32 else BWD_BLOCKS
 
 
 def _gpu_blocks(group, dtype, backward: bool = False) -> tuple[int, int, int, int]:
