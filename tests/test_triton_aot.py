@@ -22,7 +22,7 @@ from pyengine.kernels import masked_ffn as KM  # noqa: E402
 from pyengine.kernels import varlen_attention as KV  # noqa: E402
 
 
-def _run_aot(tmp_path, *args, timeout=900):
+def _run_aot(tmp_path, *args, timeout=1800):
     """python -m pyengine.kernels.aot ARGS without TRITON_INTERPRET: (exit code, log, results)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
