@@ -16,9 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import is_interpret
+from ._common import LaunchConfig, dtype_name, is_interpret
 
 BLOCK_C = 64
+BLOCK_R = 64             # rows per loop step on a GPU (kernels/aot.py compiles it)
+INTERPRET_BLOCK_R = 32
+NUM_WARPS, NUM_STAGES = 4, 3  # Triton's defaults
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TABLE_COLS = 8
 
 
@@ -100,7 +104,7 @@ def importance_reduce_many(xs: list[torch.Tensor], gs: list[torch.Tensor | None]
     for (xdt, gdt), items in groups.items():
         # fp64 inputs are reduced in fp32 like the others (the reference keeps fp64 exact)
         rpt = _rows_per_tile(total, device)
-        block_r = 32 if is_interpret() else 64
+        block_r = INTERPRET_BLOCK_R if is_interpret() else BLOCK_R
         rows = []
         for xc, gc, M, C, off in items:
             for c0 in range(0, C, BLOCK_C):
@@ -111,6 +115,21 @@ def importance_reduce_many(xs: list[torch.Tensor], gs: list[torch.Tensor | None]
         xref = items[0][0]
         gref = items[0][1] if gdt is not None else xref
         _importance_kernel[(len(rows),)](
-            table, out, xref, gref, HAS_G=gdt is not None, BLOCK_R=block_r, BLOCK_C=BLOCK_C)
+            table, out, xref, gref, HAS_G=gdt is not None, BLOCK_R=block_r, BLOCK_C=BLOCK_C,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     del keep_alive
     return [t.view(3, s // 3) for t, s in zip(out.split(sizes), sizes)]
+
+
+def launch_configs():
+    """Every variant importance_reduce_many() can launch on a GPU: each x dtype, without g or
+    with g of each dtype (a launch per (x dtype, g dtype) group; without g, gref is x)."""
+    for xdt in _DTYPES:
+        for gdt in (None,) + _DTYPES:
+            yield LaunchConfig(
+                _importance_kernel, f"x={dtype_name(xdt)} g={dtype_name(gdt) if gdt else '-'} "
+                f"BLOCK_R={BLOCK_R} BLOCK_C={BLOCK_C} warps={NUM_WARPS} stages={NUM_STAGES}",
+                dict(HAS_G=gdt is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C),
+                dict(table_ptr=torch.int64, out_ptr=torch.float32, xref_ptr=xdt,
+                     gref_ptr=gdt or xdt), NUM_WARPS, NUM_STAGES,
+                quick=gdt in (None, torch.float32) and xdt in (torch.float32, torch.bfloat16))

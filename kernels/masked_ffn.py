@@ -21,12 +21,13 @@ over programs (fp32 atomics) to fill the GPU.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, empty, is_interpret
+from ._common import LaunchConfig, check_device, dtype_name, empty, is_interpret
 
 ACTS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 EPI_NONE, EPI_BIAS, EPI_FC1, EPI_DZ = 0, 1, 2, 3
@@ -159,11 +160,17 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, idx_ptr, bias_ptr, gate_ptr, z_ptr, dgate_
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of every GEMM on a GPU (kernels/aot.py
+# compiles it for sm_80/sm_90), and under the interpreter (small: it runs programs one by one)
+GPU_BLOCKS = (128, 128, 32, 8, 3)
+INTERPRET_BLOCKS = (32, 32, 32, 4, 1)
+GROUP_M = 8
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _cfg(M: int, N: int, K: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    if is_interpret():
-        return 32, 32, 32, 4, 1
-    return 128, 128, 32, 8, 3
+    return INTERPRET_BLOCKS if is_interpret() else GPU_BLOCKS
 
 
 def _num_sms(device) -> int:
@@ -177,13 +184,32 @@ def _cuda_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _meta(blocks, *, b_gather_k=False, b_gather_n=False, b_kmajor=False, c_scatter_m=False,
+          c_scatter_n=False, epi=EPI_NONE, has_bias=False, has_gate=False, act="gelu",
+          split_k=False, ieee=False) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of one GEMM launch."""
+    BM, BN, BK, warps, stages = blocks
+    return dict(B_GATHER_K=b_gather_k, B_GATHER_N=b_gather_n, B_KMAJOR=b_kmajor,
+                C_SCATTER_M=c_scatter_m, C_SCATTER_N=c_scatter_n, EPI=epi, HAS_BIAS=has_bias,
+                HAS_GATE=has_gate, ACT=ACTS[act], ATOMIC=split_k, IEEE=ieee, BLOCK_M=BM,
+                BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GROUP_M), warps, stages
+
+
 def gemm(a, a_strides, b, b_strides, c, c_strides, M, N, K, *, idx=None, b_gather_k=False,
          b_gather_n=False, c_scatter_m=False, c_scatter_n=False, epi=EPI_NONE, bias=None,
          gate=None, z=None, dgate=None, act="gelu", split_k: bool = False):
     """Launch the generic GEMM. With ``split_k`` c must be float32 and zero-filled (atomics)."""
     if M == 0 or N == 0:
         return
-    BM, BN, BK, warps, stages = _cfg(M, N, K)
+    blocks = _cfg(M, N, K)
+    # B_KMAJOR: a gathered B whose k runs along memory is loaded transposed (see the kernel);
+    # fp32 inputs get exact fp32 dots (tl.dot would round them to tf32)
+    meta, warps, stages = _meta(
+        blocks, b_gather_k=b_gather_k, b_gather_n=b_gather_n,
+        b_kmajor=b_gather_k and b_strides[0] == 1 and b_strides[1] != 1,
+        c_scatter_m=c_scatter_m, c_scatter_n=c_scatter_n, epi=epi, has_bias=bias is not None,
+        has_gate=gate is not None, act=act, split_k=split_k, ieee=a.dtype == torch.float32)
+    BM, BN, BK = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     splits = 1
     if split_k and K > BK:
@@ -191,20 +217,68 @@ def gemm(a, a_strides, b, b_strides, c, c_strides, M, N, K, *, idx=None, b_gathe
         splits = min(want, triton.cdiv(K, BK))
     per = triton.cdiv(triton.cdiv(max(K, 1), splits), BK) * BK
     splits = triton.cdiv(max(K, 1), per)
-    atomic = split_k
     dummy = c
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-    ieee = a.dtype == torch.float32
     _gemm_kernel[(tiles, splits)](
         a, b, c, idx if idx is not None else dummy, bias if bias is not None else dummy,
         gate if gate is not None else dummy, z if z is not None else dummy,
         dgate if dgate is not None else dummy,
         M, N, K, per, *a_strides, *b_strides, *c_strides, *zs,
-        B_GATHER_K=b_gather_k, B_GATHER_N=b_gather_n,
-        B_KMAJOR=b_gather_k and b_strides[0] == 1 and b_strides[1] != 1, C_SCATTER_M=c_scatter_m,
-        C_SCATTER_N=c_scatter_n, EPI=epi, HAS_BIAS=bias is not None,
-        HAS_GATE=gate is not None, ACT=ACTS[act], ATOMIC=atomic, IEEE=ieee,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **meta)
+
+
+# The six GEMMs of forward() and backward(): the flags fixed at each call site. The launchers
+# pass them and launch_configs() enumerates them, so the two cannot drift apart.
+FC1 = dict(b_gather_n=True, epi=EPI_FC1)     # Z = x @ w1[keep]^T + b1; H = act(Z) * gate
+FC2 = dict(b_gather_k=True, epi=EPI_BIAS)    # y = H @ w2[:, keep]^T + b2
+DH = dict(b_gather_n=True, epi=EPI_DZ)       # dH = dy @ w2[:, keep] -> dZ, dgate
+DW2 = dict(c_scatter_n=True, split_k=True)   # dw2[:, keep] = dy^T @ H
+DX = dict(b_gather_k=True)                   # dx = dZ @ w1[keep]
+DW1 = dict(c_scatter_m=True, split_k=True)   # dw1[keep] = dZ^T @ x
+SITES = dict(FC1=FC1, FC2=FC2, DH=DH, DW2=DW2, DX=DX, DW1=DW1)
+
+
+def launch_configs():
+    """Every GEMM variant forward()/backward() can launch on a GPU, for x in fp32/fp16/bf16:
+    each call site with the flags its inputs decide (bias, gate, activation, whether a gathered
+    B is k-major). Biases and gates are taken in x's dtype (nn.Linear's; the epilogues read them
+    as fp32 either way); a missing one is replaced by c, as gemm() does. The unit strides are
+    those of contiguous tensors."""
+    for dt, (site, flags) in itertools.product(_DTYPES, SITES.items()):
+        c_dt = torch.float32 if flags.get("split_k") else dt
+        uses_act = flags.get("epi") in (EPI_FC1, EPI_DZ)
+        for has_bias, has_gate, act, kmajor in itertools.product(
+                (False, True) if site in ("FC1", "FC2") else (False,),
+                (False, True) if uses_act else (False,),
+                ACTS if uses_act else ("gelu",),
+                (False, True) if flags.get("b_gather_k") else (False,)):
+            meta, warps, stages = _meta(GPU_BLOCKS, **flags, b_kmajor=kmajor, has_bias=has_bias,
+                                        has_gate=has_gate, act=act, ieee=dt == torch.float32)
+            ptrs = dict(a_ptr=dt, b_ptr=dt, c_ptr=c_dt, idx_ptr=torch.int32,
+                        bias_ptr=dt if has_bias else c_dt, gate_ptr=dt if has_gate else c_dt,
+                        z_ptr=dt if uses_act else c_dt,
+                        dgate_ptr=torch.float32 if site == "DH" and has_gate else c_dt)
+            label = " ".join(
+                [site, dtype_name(dt)]
+                + ([f"bias={int(has_bias)}"] if site in ("FC1", "FC2") else [])
+                + ([f"gate={int(has_gate)} act={act}"] if uses_act else [])
+                + ([f"kmajor={int(kmajor)}"] if flags.get("b_gather_k") else [])
+                + [f"blocks={'x'.join(map(str, GPU_BLOCKS[:3]))} warps={warps} stages={stages}"])
+            # quick: each call site once, the epilogues with everything on
+            quick = (act == "gelu" and has_bias == (site in ("FC1", "FC2"))
+                     and has_gate == uses_act and kmajor == bool(flags.get("b_gather_k")))
+            yield LaunchConfig(_gemm_kernel, label, meta, ptrs, warps, stages,
+                               _unit_strides(site, kmajor), quick)
+
+
+def _unit_strides(site: str, kmajor: bool) -> frozenset:
+    """The stride arguments that are 1 when every tensor of the call is contiguous: A is
+    read transposed (m along memory) by the dW GEMMs; B has k along memory for fc1 (w1 rows)
+    and for a k-major gathered B, else n; C and Z have n along memory."""
+    a = "sam" if site in ("DW2", "DW1") else "sak"
+    b = "sbk" if site == "FC1" or kmajor else "sbn"
+    z = ("szn",) if site in ("FC1", "DH") else ()
+    return frozenset((a, b, "scn") + z)
 
 
 def _check(x, w1, w2, keep, gate, act):
@@ -233,10 +307,10 @@ def forward(x, w1, b1, w2, b2, keep, gate, act: str):
     y = empty((M, O), x.dtype, x.device)
     # fc1: B[d, n] = w1[keep[n], d]
     gemm(x2, x2.stride(), w1, (w1.stride(1), w1.stride(0)), h, h.stride(), M, K, D, idx=keep,
-         b_gather_n=True, epi=EPI_FC1, bias=b1, gate=gate, z=z, act=act)
+         **FC1, bias=b1, gate=gate, z=z, act=act)
     # fc2: B[k, o] = w2[o, keep[k]]
     gemm(h, h.stride(), w2, (w2.stride(1), w2.stride(0)), y, y.stride(), M, O, K, idx=keep,
-         b_gather_k=True, epi=EPI_BIAS, bias=b2)
+         **FC2, bias=b2)
     return y.reshape(*lead, O), z, h
 
 
@@ -252,19 +326,19 @@ def backward(gy, x, w1, w2, keep, gate, z, h, act: str, has_b1: bool, has_b2: bo
     dgate = None if gate is None else torch.zeros(gate.shape[0], dtype=torch.float32, device=dev)
     # dH = dy @ w2[:, keep]  (B[o, k] = w2[o, keep[k]]), epilogue -> dZ and dgate
     gemm(gy2, gy2.stride(), w2, (w2.stride(0), w2.stride(1)), dz, dz.stride(), M, K, O,
-         idx=keep, b_gather_n=True, epi=EPI_DZ, gate=gate, z=z, dgate=dgate, act=act)
+         idx=keep, **DH, gate=gate, z=z, dgate=dgate, act=act)
     # dw2[:, keep] = dy^T @ H   (A[o, m] = dy[m, o]); fp32 accumulation over split token ranges
     dw2 = torch.zeros(w2.shape, dtype=torch.float32, device=dev)
     gemm(gy2, (gy2.stride(1), gy2.stride(0)), h, h.stride(), dw2, dw2.stride(), O, K, M,
-         idx=keep, c_scatter_n=True, split_k=True)
+         idx=keep, **DW2)
     # dx = dZ @ w1[keep]   (B[k, d] = w1[keep[k], d])
     dx = empty((M, D), x.dtype, dev)
     gemm(dz, dz.stride(), w1, (w1.stride(0), w1.stride(1)), dx, dx.stride(), M, D, K,
-         idx=keep, b_gather_k=True)
+         idx=keep, **DX)
     # dw1[keep] = dZ^T @ x   (A[k, m] = dZ[m, k])
     dw1 = torch.zeros(w1.shape, dtype=torch.float32, device=dev)
     gemm(dz, (dz.stride(1), dz.stride(0)), x2, x2.stride(), dw1, dw1.stride(), K, D, M,
-         idx=keep, c_scatter_m=True, split_k=True)
+         idx=keep, **DW1)
     db1 = None
     if has_b1:
         db1 = torch.zeros(w1.shape[0], dtype=torch.float32, device=dev)

@@ -11,6 +11,9 @@ takes another launch), and loads q/k/v through masks up to that width. A head of
 therefore does a quarter of the matrix work of a head of 64. Sequence lengths need not be
 multiples of the block (masks).
 
+Head dims go up to MAX_HEAD_DIM = 256 (tiles of 16..256): the widest that kernels/aot.py
+compiles and checks for sm_80/sm_90; a wider head is refused with a ValueError.
+
 A head with ``dq == 0`` loads an all-zero q, so its scores are all zero and its attention is
 uniform (the mean of v), exactly as the reference defines it. Heads with ``dv == 0`` produce
 no output columns and are skipped (their q/k gradients are zero).
@@ -25,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, empty, is_interpret, pow2_at_least
+from ._common import (LaunchConfig, check_device, dtype_name, empty, is_interpret,
+                      pow2_at_least)
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -334,11 +338,29 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tab_
 
 
 # ---- host side ---------------------------------------------------------------------------------
+MAX_HEAD_DIM = 256  # widest q/k or v head accepted: the widest tiles kernels/aot.py compiles
+WIDTHS = (16, 32, 64, 128, 256)  # the tile widths pow2_at_least() gives for dims 0..MAX_HEAD_DIM
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the widest tile of a launch: the first row whose
+# bound holds it; wider heads, smaller tiles. Untuned (no GPU was at hand when this was
+# written): bench/gpu_ops.py measures them. kernels/aot.py compiles every row for sm_80/sm_90.
+FWD_BLOCKS = ((64, (128, 64, 4, 3)), (128, (128, 32, 8, 2)), (MAX_HEAD_DIM, (64, 32, 8, 1)))
+BWD_BLOCKS = ((64, (64, 64, 4, 1)), (MAX_HEAD_DIM, (64, 32, 8, 1)))
+# fp32 (IEEE dots, on FMAs) stages twice the bytes in shared memory: heads over 128 wide at
+# 64 x 32 need 200 KiB in dK/dV, over sm_80's 163 KiB; at 32 x 32 they need 132 KiB
+BWD_BLOCKS_FP32 = ((64, (64, 64, 4, 1)), (128, (64, 32, 8, 1)), (MAX_HEAD_DIM, (32, 32, 8, 1)))
+INTERPRET_BLOCKS = (32, 32, 4, 1)
+DELTA_WARPS, DELTA_STAGES = 4, 3  # the delta kernel: Triton's defaults
+
+
 def buckets(qk_dims: list[int], v_dims: list[int]) -> dict[tuple[int, int], list[int]]:
     """Heads grouped by tile widths (pow2 >= 16 of their own q/k and v dims); dv == 0 skipped."""
     out: dict[tuple[int, int], list[int]] = {}
     for h, (dq, dv) in enumerate(zip(qk_dims, v_dims)):
         if dv > 0:
+            if max(dq, dv) > MAX_HEAD_DIM:
+                raise ValueError(f"varlen_attention (triton): head {h} has q/k dim {dq} and v dim "
+                                 f"{dv}; the Triton kernels take head dims up to {MAX_HEAD_DIM}")
             out.setdefault((pow2_at_least(dq), pow2_at_least(dv)), []).append(h)
     return out
 
@@ -390,19 +412,37 @@ def _bucket_args(group) -> dict:
     return args
 
 
-def _blocks(group, backward: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch; wider heads, smaller tiles.
-    Untuned (no GPU was at hand when this was written): bench/gpu_ops.py measures them."""
-    if is_interpret():
-        return 32, 32, 4, 1
+def _table(dtype, backward: bool):
+    if not backward:
+        return FWD_BLOCKS
+    return BWD_BLOCKS_FP32 if dtype == torch.float32 else BWD_BLOCKS
+
+
+def _gpu_blocks(group, dtype, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch on a GPU: its row of the table."""
     wide = max(max(bdq, bdv) for (bdq, bdv), _ in group)
-    if backward:
-        return (64, 64, 4, 1) if wide <= 64 else (64, 32, 8, 1)
-    if wide <= 64:
-        return 128, 64, 4, 3
-    if wide <= 128:
-        return 128, 32, 8, 2
-    return 64, 32, 8, 1
+    for bound, cfg in _table(dtype, backward):
+        if wide <= bound:
+            return cfg
+    raise ValueError(f"varlen_attention (triton): tile width {wide} > {MAX_HEAD_DIM}")
+
+
+def _blocks(group, dtype, backward: bool = False) -> tuple[int, int, int, int]:
+    if is_interpret():
+        return INTERPRET_BLOCKS
+    return _gpu_blocks(group, dtype, backward)
+
+
+def _meta(group, dtype, blocks) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of a forward/dK-dV/dQ launch of ``group``."""
+    BM, BN, warps, stages = blocks
+    # fp32 inputs get exact fp32 dots (tl.dot would round them to tf32)
+    meta = dict(BLOCK_M=BM, BLOCK_N=BN, IEEE=dtype == torch.float32, **_bucket_args(group))
+    return meta, warps, stages
+
+
+def _delta_meta(group, blocks) -> dict:
+    return dict(BLOCK_M=blocks[0], BDV=max(bdv for (_, bdv), _ in group))
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
@@ -424,16 +464,14 @@ def forward(q, k, v, qk_dims, v_dims, scales):
         return o, lse
     if any(dv == 0 for dv in v_dims):  # heads without output are skipped; define their rows
         lse[:, [h for h, dv in enumerate(v_dims) if dv == 0]] = 0.0
-    ieee = q.dtype == torch.float32
     for group in launches(qk_dims, v_dims):
         tab, sc = _tables(qk_dims, v_dims, scales, group, q.device)
-        BM, BN, warps, stages = _blocks(group)
+        meta, warps, stages = _meta(group, q.dtype, _blocks(group, q.dtype))
         Hl = tab.shape[0]
-        _fwd_kernel[(triton.cdiv(N, BM), B * Hl)](
+        _fwd_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B * Hl)](
             q, k, v, o, lse, tab, sc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), o.stride(0), o.stride(1), N, Hl, H,
-            BLOCK_M=BM, BLOCK_N=BN, IEEE=ieee, num_warps=warps, num_stages=stages,
-            **_bucket_args(group))
+            num_warps=warps, num_stages=stages, **meta)
     return o, lse
 
 
@@ -451,28 +489,104 @@ def backward(do, q, k, v, o, lse, qk_dims, v_dims, scales):
     if B == 0 or N == 0:
         return gq.zero_(), gk.zero_(), gv.zero_()
     delta = empty((B, H, N), torch.float32, q.device)
-    ieee = q.dtype == torch.float32
     for group in launches(qk_dims, v_dims):
         tab, sc = _tables(qk_dims, v_dims, scales, group, q.device)
-        BM, BN, warps, stages = _blocks(group, backward=True)
+        blocks = _blocks(group, q.dtype, backward=True)
+        meta, warps, stages = _meta(group, q.dtype, blocks)
+        BM, BN = meta["BLOCK_M"], meta["BLOCK_N"]
         Hl = tab.shape[0]
-        bdv_max = max(bdv for (_, bdv), _ in group)
         _bwd_delta_kernel[(triton.cdiv(N, BM), B * Hl)](
             o, do, delta, tab, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-            N, Hl, H, BLOCK_M=BM, BDV=bdv_max)
+            N, Hl, H, num_warps=DELTA_WARPS, num_stages=DELTA_STAGES,
+            **_delta_meta(group, blocks))
         _bwd_dkdv_kernel[(triton.cdiv(N, BN), B * Hl)](
             q, k, v, do, lse, delta, gk, gv, tab, sc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1),
-            N, Hl, H, BLOCK_M=BM, BLOCK_N=BN, IEEE=ieee, num_warps=warps, num_stages=stages,
-            **_bucket_args(group))
+            N, Hl, H, num_warps=warps, num_stages=stages, **meta)
         _bwd_dq_kernel[(triton.cdiv(N, BM), B * Hl)](
             q, k, v, do, lse, delta, gq, tab, sc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), gq.stride(0), gq.stride(1),
-            N, Hl, H, BLOCK_M=BM, BLOCK_N=BN, IEEE=ieee, num_warps=warps, num_stages=stages,
-            **_bucket_args(group))
+            N, Hl, H, num_warps=warps, num_stages=stages, **meta)
     return gq, gk, gv
+
+
+def _aot_groups(table) -> list[list]:
+    """Launches (as launches() forms them) that together hold every bucket under every row of
+    ``table`` (FWD_BLOCKS or BWD_BLOCKS) that a launch can give it, with NB = 1..4.
+
+    All launches cannot be compiled (any <= 4 of the 25 width pairs: ~15k per kernel and
+    dtype), and need not be: a bucket's tile body is a branch on a constexpr of its own, so
+    the code of a launch is the code of its buckets' bodies under the launch's row, and its
+    shared memory is the most any of them needs (branches do not hold shared memory at the same
+    time; tests/test_triton_aot.py checks that on a mixed launch). So compiled: every pair
+    alone (the usual launch, NB = 1), every pair in a launch with a wider row's pair (which
+    gives it that row's blocks), and the narrowest row's pairs in launches of NB = 4, 3, 2."""
+    def group(pairs):
+        # one head per pair, dims = the widths themselves: launches() orders them as it would
+        (g,) = launches([a for a, _ in pairs], [b for _, b in pairs])
+        return g
+
+    pairs = [(a, b) for a in WIDTHS for b in WIDTHS]
+    out = [group([p]) for p in pairs]
+    lo = 0
+    for bound, _ in table:
+        own = [p for p in pairs if lo < max(p) <= bound]
+        lower = [p for p in pairs if max(p) <= lo]
+        # lower pairs three at a time next to one of this row's pairs (rotating)
+        for j, i in enumerate(range(0, len(lower), _SLOTS - 1)):
+            out.append(group([own[j % len(own)]] + lower[i:i + _SLOTS - 1]))
+        lo = bound
+    first = [p for p in pairs if max(p) <= table[0][0]]
+    out += [group(first[a:b]) for a, b in ((0, 4), (4, 7), (7, 9)) if first[a:b]]
+    return out
+
+
+def launch_configs():
+    """Every (kernel, constexprs, pointer types, num_warps, num_stages) the launchers above can
+    use on a GPU, for each dtype; see _aot_groups for the bucket combinations. Compiled for
+    sm_80/sm_90 by kernels/aot.py."""
+    def label(dt, meta, warps, stages):
+        pairs = ",".join(f"{meta[f'BDQ{i}']}x{meta[f'BDV{i}']}" for i in range(meta["NB"]))
+        return (f"{dtype_name(dt)} BLOCK_M={meta['BLOCK_M']} BLOCK_N={meta['BLOCK_N']} "
+                f"buckets={pairs} warps={warps} stages={stages}")
+
+    def quick(dt, group):
+        # the narrowest and the widest bucket alone; in fp16 also a launch mixing rows
+        pairs = [p for p, _ in group]
+        return pairs in ([(16, 16)], [(MAX_HEAD_DIM, MAX_HEAD_DIM)]) or (
+            dt == torch.float16 and pairs == [(16, MAX_HEAD_DIM), (16, 64), (16, 32), (16, 16)])
+
+    for dt in _DTYPES:
+        io = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, tab_ptr=torch.int32, scale_ptr=torch.float32,
+                  lse_ptr=torch.float32)
+        for group in _aot_groups(_table(dt, backward=False)):
+            meta, warps, stages = _meta(group, dt, _gpu_blocks(group, dt))
+            yield LaunchConfig(_fwd_kernel, label(dt, meta, warps, stages), meta,
+                               dict(io, o_ptr=dt), warps, stages, quick=quick(dt, group))
+        bwd = dict(io, do_ptr=dt, delta_ptr=torch.float32)
+        for group in _aot_groups(_table(dt, backward=True)):
+            blocks = _gpu_blocks(group, dt, backward=True)
+            meta, warps, stages = _meta(group, dt, blocks)
+            yield LaunchConfig(_bwd_dkdv_kernel, label(dt, meta, warps, stages), meta,
+                               dict(bwd, dk_ptr=dt, dv_ptr=dt), warps, stages,
+                               quick=quick(dt, group))
+            yield LaunchConfig(_bwd_dq_kernel, label(dt, meta, warps, stages), meta,
+                               dict(bwd, dq_ptr=dt), warps, stages, quick=quick(dt, group))
+        # the delta kernel sees only BLOCK_M and the launch's widest v tile
+        seen = set()
+        for bound, blocks in _table(dt, backward=True):
+            for w in WIDTHS:
+                dmeta = _delta_meta([((16, w), [])], blocks)
+                if w > bound or tuple(dmeta.values()) in seen:
+                    continue
+                seen.add(tuple(dmeta.values()))
+                yield LaunchConfig(
+                    _bwd_delta_kernel, f"{dtype_name(dt)} BLOCK_M={dmeta['BLOCK_M']} BDV={w} "
+                    f"warps={DELTA_WARPS} stages={DELTA_STAGES}", dmeta,
+                    dict(o_ptr=dt, do_ptr=dt, delta_ptr=torch.float32, tab_ptr=torch.int32),
+                    DELTA_WARPS, DELTA_STAGES, quick=w == MAX_HEAD_DIM)
 
 
 def flops(B: int, N: int, qk_dims, v_dims) -> int:
