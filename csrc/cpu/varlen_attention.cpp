@@ -151,13 +151,15 @@ at::Tensor varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
     }
   }
   p.n_qblocks = (Nq + p.block_m - 1) / p.block_m;
+  p.n_kblocks = std::max<int64_t>(1, (Nk + p.block_n - 1) / p.block_n);
 
   // one contiguous item range per thread, of about equal cost
   const int64_t n_items = B * p.H * p.n_qblocks;
   std::vector<int64_t> prefix(n_items + 1, 0);
   for (int64_t it = 0; it < n_items; ++it) {
     const int64_t qb = it % p.n_qblocks, hh = (it / p.n_qblocks) % p.H;
-    const int64_t rows = std::min(p.block_m, Nq - qb * p.block_m);
+    int64_t i0 = 0, rows = 0;
+    query_block(p, qb, &i0, &rows);
     prefix[it + 1] = prefix[it] + item_cost(p, hh, rows);
   }
   const int64_t total = prefix[n_items];

@@ -262,7 +262,7 @@ void run_items_t(const Problem& p, int64_t item0, int64_t item1, void* ws) {
   using Vec = Vectorized<A>;
   constexpr int L = Vec::size();
   static_assert(kBlockM % L == 0, "kBlockM must be a multiple of the vector length");
-  const int64_t BM = p.block_m, BN = p.block_n;
+  const int64_t BM = p.block_m;
   const T* qp = static_cast<const T*>(p.q);
   const T* kp = static_cast<const T*>(p.k);
   const T* vp = static_cast<const T*>(p.v);
@@ -283,7 +283,8 @@ void run_items_t(const Problem& p, int64_t item0, int64_t item1, void* ws) {
     const int64_t h = bh % p.H, b = bh / p.H;
     const int64_t dq = p.qk_dim[h], dv = p.v_dim[h];
     if (dv == 0) continue;
-    const int64_t i0 = qb * BM, M = std::min<int64_t>(BM, p.Nq - i0);
+    int64_t i0 = 0, M = 0;
+    query_block(p, qb, &i0, &M);
     const int64_t nvec = (M + L - 1) / L, Mp = nvec * L;
     T* ob = op + b * p.sob + i0 * p.son + p.v_off[h];
     if (p.Nk == 0) {  // no keys: zeros, like scaled_dot_product_attention
@@ -344,8 +345,9 @@ void run_items_t(const Problem& p, int64_t item0, int64_t item1, void* ws) {
       for (int64_t i = 0; i < Mp; i += L) (Vec::loadu(row + i) * scale).store(row + i);
     }
     for (int64_t i = 0; i < Mp; ++i) m[i] = -std::numeric_limits<A>::infinity();
-    for (int64_t j0 = 0; j0 < p.Nk; j0 += BN) {
-      const int64_t kb = std::min<int64_t>(BN, p.Nk - j0);
+    for (int64_t kblock = 0; kblock < p.n_kblocks; ++kblock) {
+      int64_t j0 = 0, kb = 0;
+      key_block(p, kblock, &j0, &kb);
       gemm_bcast<A>(kb, nvec, dq, kk + j0 * ldk, ldk, 1, Qt, Mp, S, Mp, false);
       softmax_block<A>(S, kb, nvec, Mp, m, l, Ot, dv, j0 == 0);
       gemm_bcast<A>(dv, nvec, kb, vv + j0 * ldv, 1, ldv, S, Mp, Ot, Mp, j0 > 0);
