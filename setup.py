@@ -218,7 +218,9 @@ def _extensions():
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     omp_cflags, omp_lflags = _openmp_flags()
-    cxx_flags = ["-O3", *omp_cflags]  # the C++ standard comes from cpp_extension (torch's)
+    # the C++ standard comes from cpp_extension (torch's); at::vec's headers use `#pragma
+    # unroll`, which GCC does not know (torch builds with -Wno-unknown-pragmas too)
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas", *omp_cflags]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     global _VARIANT

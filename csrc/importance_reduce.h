@@ -1,7 +1,7 @@
 // Shared argument checks and shape handling of pyengine::importance_reduce.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -39,7 +39,7 @@ inline std::pair<at::Tensor, at::Tensor> importance_reduce_prepare(
                 "pyengine::importance_reduce: x and g must be on the same device, got x on ",
                 x.device(), " and g on ", g.device());
     if (g.scalar_type() != x.scalar_type()) {
-      const auto common = at::promote_types(x.scalar_type(), g.scalar_type());
+      const auto common = c10::promoteTypes(x.scalar_type(), g.scalar_type());
       x2 = x2.to(common);
       g2 = g.to(common);
     } else {

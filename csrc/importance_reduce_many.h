@@ -1,7 +1,7 @@
 // Shared argument checks of pyengine::importance_reduce_many (CPU and CUDA).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/List.h>
 #include <c10/util/Exception.h>
 

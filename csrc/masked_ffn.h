@@ -6,7 +6,8 @@
 // bias + activation + gate on CUDA).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <c10/util/Exception.h>
 
 #include <string>

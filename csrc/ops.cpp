@@ -7,8 +7,10 @@
 // Fake (meta) implementations for torch.compile / torch.export are registered from Python
 // (pyengine/ops/<op>/library.py, torch.library.register_fake).
 //
-// Importing pyengine._C (after torch) runs the static registrations below.
-#include <torch/extension.h>
+// Importing pyengine._C (after torch) runs the static registrations below. The module itself is
+// a plain CPython extension (PyInit__C), not pybind11/torch/extension.h: it only has to exist
+// and say whether it holds CUDA kernels, and the light headers keep a fresh build short.
+#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(pyengine, m) {
@@ -44,16 +46,28 @@ TORCH_LIBRARY(pyengine, m) {
 }
 
 namespace {
-bool has_cuda() {
+
+PyObject* has_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef PYENGINE_WITH_CUDA
-  return true;
+  Py_RETURN_TRUE;
 #else
-  return false;
+  Py_RETURN_FALSE;
 #endif
 }
+
+PyMethodDef kMethods[] = {
+    {"has_cuda", has_cuda, METH_NOARGS,
+     "True when this build of pyengine._C contains the CUDA kernels"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT, "_C", "pyengine C++/CUDA kernels; the ops are torch.ops.pyengine.*",
+    -1, kMethods, nullptr, nullptr, nullptr, nullptr,
+};
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pyengine C++/CUDA kernels; the ops are torch.ops.pyengine.*";
-  m.def("has_cuda", &has_cuda, "True when this build of pyengine._C contains the CUDA kernels");
-}
+// the module is pyengine._C (setup.py); torch.utils.cpp_extension names it in
+// TORCH_EXTENSION_NAME
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

@@ -1,7 +1,7 @@
 // Shared argument checks and head table of pyengine::varlen_attention_fwd (CPU and CUDA).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <vector>

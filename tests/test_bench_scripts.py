@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyengine.ops import _ext
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 STATS = {"median_ms", "iqr_ms", "min_ms", "mean_ms", "repeats", "inner"}
 
@@ -44,6 +46,31 @@ def test_cpu_csrc_dry_run(tmp_path, threads):
         if r["backend"] == "cpu":
             assert r["speedup_vs_torch"]["pairs"] == 2
     assert "speedup cpu vs torch" in (tmp_path / "cpu_csrc.log").read_text()
+
+
+@pytest.mark.skipif(not _ext.available(), reason="pyengine._C is not built")
+def test_cpu_varlen_attention_dry_run(tmp_path, threads):
+    mod = load("cpu_varlen_attention")
+    assert mod.main(["--batch", "1", "--dtypes", "float32,bfloat16", "--threads", "1",
+                     "--tokens", "17", "--widths", "40", "--model", "vit_tiny_patch16_224",
+                     "--model-kwargs", json.dumps({"depth": 2, "img_size": 32, "patch_size": 8}),
+                     "--repeats", "2", "--warmup", "0", "--min-sample-ms", "0",
+                     "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "cpu_varlen_attention.json").read_text())
+    assert doc["env"]["device"] == "cpu" and doc["env"]["threads"] == 1
+    rows = doc["rows"]
+    # per dtype: uniform 10x40 (sdpa, torch, cpu), mix6, two_runs, the model's layers (torch,
+    # cpu each), the model (torch, cpu)
+    assert len(rows) == 2 * (3 + 3 * 2 + 2)
+    assert all(STATS <= set(r) and r["repeats"] == 2 for r in rows)
+    for r in rows:
+        if r["contender"] == "cpu":
+            assert r["torch_over_cpu"]["pairs"] == 2
+            assert r["max_abs_diff"] < (1e-4 if r["dtype"] == "float32" else 5e-2)
+            assert ("sdpa_over_cpu" in r) == (r["section"] == "uniform")
+    uniform = next(r for r in rows if r["section"] == "uniform")
+    assert uniform["flops"] == 2 * 17 * 17 * 10 * (40 + 40)  # count_flops of the reference
+    assert "torch_over_cpu" in (tmp_path / "cpu_varlen_attention.log").read_text()
 
 
 def test_bench_ops_dry_run(tmp_path, threads):

@@ -18,6 +18,8 @@ from pyengine.ops import _ext
 from pyengine.ops import importance_reduce_reference, masked_ffn_reference
 from pyengine.ops import varlen_attention_reference
 
+from _naive import naive_varlen
+
 pytestmark = pytest.mark.skipif(
     not _ext.available(), reason=f"pyengine._C is not built: {_ext.load_error()}")
 
@@ -122,6 +124,121 @@ def test_varlen_attention_empty_cases():
     q, k, v = _qkv(2, 3, 0, [4], [4])                                      # no keys: zeros
     out = ops.varlen_attention(q, k, v, [4], [4], 1.0, backend="cpu")
     torch.testing.assert_close(out, varlen_attention_reference(q, k, v, [4], [4], 1.0))
+
+
+# The kernel runs the vector-ISA build the CPU supports (AVX512, AVX2 or the baseline one);
+# PYENGINE_CPU_CAPABILITY lowers it, so every build this machine can run is checked.
+ISAS = ["default", "avx2", "avx512"]
+
+ODD_HEADS = [
+    # widths 1, 7, 40, 64 in both orders, unequal q/k and v widths
+    ([1, 7, 40, 64, 64], [64, 40, 7, 1, 64]),
+    # qk 0 heads (uniform attention) and v 0 heads (no output columns) between others
+    ([0, 7, 64, 5, 0, 1], [3, 0, 40, 0, 7, 1]),
+]
+
+
+def _poisoned():
+    """Every tensor torch allocates without initializing (the kernel's output among them) starts
+    as NaN, so an element the kernel forgets to write fails the comparison."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all()
+
+
+@pytest.fixture
+def poison():
+    mode = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    _poisoned()
+    yield
+    torch.use_deterministic_algorithms(mode)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dims", ODD_HEADS, ids=["widths", "zero-heads"])
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 17), (1, 197), (2, 70)])
+def test_varlen_attention_kernel_odd_shapes(isa, dims, B, N, monkeypatch, poison):
+    # against the naive float64 reference on fresh inputs, q/k/v views of one qkv projection
+    # output (token and batch strides of the fused width, as compact attention calls it)
+    monkeypatch.setenv("PYENGINE_CPU_CAPABILITY", isa)
+    qk_dims, v_dims = dims
+    sqk, sv = sum(qk_dims), sum(v_dims)
+    qkv = torch.randn(B, N, 2 * sqk + sv)
+    q, k, v = qkv.split([sqk, sqk, sv], dim=-1)
+    scales = [random.uniform(0.05, 1.0) for _ in qk_dims]
+    out = torch.ops.pyengine.varlen_attention_fwd(q, k, v, qk_dims, v_dims, scales)
+    assert out.shape == (B, N, sv) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), naive_varlen(q, k, v, qk_dims, v_dims, scales),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64],
+                         ids=["bfloat16", "float16", "float64"])
+def test_varlen_attention_kernel_dtypes(isa, dtype, monkeypatch, poison):
+    # 16-bit inputs are computed in float32 and rounded once; float64 stays float64
+    monkeypatch.setenv("PYENGINE_CPU_CAPABILITY", isa)
+    qk_dims, v_dims = ODD_HEADS[1]
+    q, k, v = _qkv(3, 67, 67, qk_dims, v_dims, dtype)
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, 0.3, backend="cpu")
+    assert out.dtype == dtype
+    ref = naive_varlen(q, k, v, qk_dims, v_dims, [0.3] * len(qk_dims))
+    tol = 1e-12 if dtype == torch.float64 else 1e-2  # 16-bit: the final rounding
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("Nq,Nk", [(5, 600), (70, 513), (130, 257)])
+def test_varlen_attention_kernel_many_key_blocks(isa, Nq, Nk, monkeypatch, poison):
+    # more keys than one softmax block (256): the running max and sum rescale the output, and
+    # large scores would overflow without the max
+    monkeypatch.setenv("PYENGINE_CPU_CAPABILITY", isa)
+    qk_dims, v_dims = [7, 40, 0], [40, 1, 9]
+    q, k, v = _qkv(2, Nq, Nk, qk_dims, v_dims)
+    q = q * 8
+    k[:, -1] *= 8  # the last key block holds the largest scores of many rows
+    scales = [0.9, 0.4, 1.0]
+    out = ops.varlen_attention(q, k, v, qk_dims, v_dims, scales, backend="cpu")
+    assert torch.isfinite(out).all()
+    # scores in the hundreds: float32 rounding of a score moves its weight by ~1e-5
+    torch.testing.assert_close(out.double(), naive_varlen(q, k, v, qk_dims, v_dims, scales),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_varlen_attention_kernel_thread_counts_agree():
+    # the work split changes with the thread count, the result must not (not even in its bits)
+    qk_dims, v_dims = [64, 40, 7, 1, 0], [64, 7, 40, 1, 5]
+    q, k, v = _qkv(3, 197, 197, qk_dims, v_dims)
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(ops.varlen_attention(q, k, v, qk_dims, v_dims, 0.2, backend="cpu"))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].double(),
+                               naive_varlen(q, k, v, qk_dims, v_dims, [0.2] * 5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_kernel_capability_setting(monkeypatch):
+    q, k, v = _qkv(1, 3, 3, [4], [4])
+    monkeypatch.setenv("PYENGINE_CPU_CAPABILITY", "sse9")
+    with pytest.raises(ValueError, match="PYENGINE_CPU_CAPABILITY must be default, avx2 or "
+                                         "avx512, got 'sse9'"):
+        torch.ops.pyengine.varlen_attention_fwd(q, k, v, [4], [4], [1.0])
+
+
+def test_varlen_attention_kernel_refuses_grad():
+    # forward only: with inputs that need grad the dispatcher says so instead of losing them
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 5, 5, [4], [4]))
+    with pytest.raises(ops.BackendNotAvailable, match="has no backward"):
+        ops.varlen_attention(q, k, v, [4], [4], 1.0, backend="cpu")
+    assert ops.varlen_attention(q, k, v, [4], [4], 1.0).requires_grad  # auto: the reference
 
 
 def test_varlen_attention_errors():

@@ -4,9 +4,12 @@
 // block); tiles run in parallel with at::parallel_for. Wide layers (C large) are parallelized
 // over channels only (one row block); narrow ones also over rows, with one partial [3, C] per
 // row block summed at the end. Accumulation is in double whatever the input dtype.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // the light per-op headers, not ATen/ATen.h
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

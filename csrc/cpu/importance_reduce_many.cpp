@@ -6,8 +6,11 @@
 // summed into its float32 [3, C_i] block of the packed output at the end. Small tensors (a
 // layer's per-head statistics) share threads with big ones instead of each paying a parallel
 // region of its own.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // the light per-op headers, not ATen/ATen.h
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

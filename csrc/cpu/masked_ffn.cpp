@@ -3,7 +3,13 @@
 // Gathers the kept rows of w1 / columns of w2 (masked_ffn_prepare), then two BLAS GEMMs
 // (at::addmm, multithreaded by ATen) around in-place bias + activation + gate: on a CPU the
 // GEMMs dominate and MKL/OpenBLAS beat any hand loop, so there is nothing to fuse.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // the light per-op headers, not ATen/ATen.h
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include "masked_ffn.h"

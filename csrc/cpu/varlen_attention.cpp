@@ -1,160 +1,191 @@
 // CPU kernel of pyengine::varlen_attention_fwd (schema in csrc/ops.cpp).
 //
-// Work items are (batch, head) pairs, run with at::parallel_for. An item copies its head's K
-// transposed ([dq][Nk], so score rows are built with contiguous axpy loops instead of one
-// horizontal dot product per score), then walks blocks of kRowBlock query rows: scores
-// S = (scale * Q) K^T, a numerically stable softmax per row (max subtracted before exp), and
-// O = P V / rowsum accumulated key by key (each V row read once per block). Every inner loop is
-// contiguous and branch-free so the compiler vectorizes it; the float32 exp is a Cephes-style
-// polynomial written to vectorize too (libm's expf does not). float16/bfloat16 inputs are
-// computed in float32 (converted once up front), float32 in float32, float64 in float64.
-#include <ATen/ATen.h>
+// This file checks the arguments, allocates the packed output and runs one parallel region for
+// all heads of the call: the work items (batch x head x block of kBlockM query rows) are split
+// into one contiguous range per thread of about equal cost (heads differ in width, and compact
+// models pack them sorted by width, so equal item counts would not balance), and each thread
+// runs its range with the vector-ISA build the CPU supports (varlen_attention_kernel.h, built
+// for AVX512, AVX2 and the baseline ISA). The ISA follows torch's own choice
+// (at::get_cpu_capability(), which honors ATEN_CPU_CAPABILITY); PYENGINE_CPU_CAPABILITY=
+// default|avx2|avx512 lowers it further (tests run every build that the machine can).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // the light per-op headers, not ATen/ATen.h
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <limits>
+#include <string>
 #include <vector>
 
+#include "cpu/varlen_attention_cpu.h"
 #include "varlen_attention.h"
 
 namespace pyengine {
+namespace varlen_cpu {
+
+int64_t workspace_bytes(const Problem& p) {
+  const int64_t elem = p.dtype == Dtype::kDouble ? 8 : 4;
+  int64_t n = (std::max<int64_t>(p.max_qk, 1) + score_rows(p) + std::max<int64_t>(p.max_v, 1) + 2) *
+              p.block_m;
+  if (p.dtype == Dtype::kBFloat16 || p.dtype == Dtype::kHalf) n += p.Nq * p.max_qk + p.Nk * (p.max_qk + p.max_v);
+  return (n * elem + 63) / 64 * 64;
+}
+
 namespace {
 
-constexpr int64_t kRowBlock = 16;
+enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// exp(x) for x <= 0 (scores minus their row max), relative error ~1e-7: n = round(x / ln2),
-// r = x - n ln2 (ln2 split in two for precision), exp(r) by a degree-7 polynomial, 2^n from
-// the exponent bits. Inputs below -87 give exp(-87) ~ 1.6e-38, i.e. 0 next to the row's 1.
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_nonpos(double x) { return std::exp(x); }
-
-template <typename T>
-void varlen_attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               at::Tensor& out, const VarlenHeads& h) {
-  const int64_t B = q.size(0), Nq = q.size(1), Nk = k.size(1);
-  const int64_t H = h.size();
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t sqb = q.stride(0), sqn = q.stride(1);
-  const int64_t skb = k.stride(0), skn = k.stride(1);
-  const int64_t svb = v.stride(0), svn = v.stride(1);
-  const int64_t sob = out.stride(0), son = out.stride(1);
-
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> kt(std::max<int64_t>(h.max_qk * Nk, 1));
-    std::vector<T> scores(kRowBlock * std::max<int64_t>(Nk, 1));
-    std::vector<T> acc(kRowBlock * std::max<int64_t>(h.max_v, 1));
-    std::vector<T> rowsum(kRowBlock);
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t hh = it % H;
-      const int64_t b = it / H;
-      const int64_t dq = h.qk_dim[hh], dv = h.v_dim[hh];
-      if (dv == 0) continue;
-      const int64_t qo = h.qk_off[hh], vo = h.v_off[hh];
-      const T scale = static_cast<T>(h.scale[hh]);
-      const T* kb = kp + b * skb + qo;
-      const T* vb = vp + b * svb + vo;
-      if (Nk == 0) {  // no keys: zeros, like scaled_dot_product_attention
-        for (int64_t n = 0; n < Nq; ++n) {
-          T* on = op + b * sob + n * son + vo;
-          std::fill(on, on + dv, T(0));
-        }
-        continue;
-      }
-      for (int64_t j = 0; j < Nk; ++j) {
-        const T* kj = kb + j * skn;
-        for (int64_t d = 0; d < dq; ++d) kt[d * Nk + j] = kj[d];
-      }
-      for (int64_t r0 = 0; r0 < Nq; r0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, Nq - r0);
-        const T* qb = qp + b * sqb + r0 * sqn + qo;
-        T* ob = op + b * sob + r0 * son + vo;
-        for (int64_t i = 0; i < rows; ++i) {
-          // scores row i = sum_d (scale * q_id) * K^T[d, :]; qk_dim 0 leaves zeros (uniform)
-          T* si = scores.data() + i * Nk;
-          std::fill(si, si + Nk, T(0));
-          const T* qi = qb + i * sqn;
-          for (int64_t d = 0; d < dq; ++d) {
-            const T a = qi[d] * scale;
-            const T* kd = kt.data() + d * Nk;
-#pragma omp simd
-            for (int64_t j = 0; j < Nk; ++j) si[j] += a * kd[j];
-          }
-          T m = si[0];
-          for (int64_t j = 1; j < Nk; ++j) m = si[j] > m ? si[j] : m;
-          T l = 0;
-#pragma omp simd reduction(+ : l)
-          for (int64_t j = 0; j < Nk; ++j) {
-            si[j] = exp_nonpos(si[j] - m);
-            l += si[j];
-          }
-          rowsum[i] = l;
-        }
-        std::fill(acc.begin(), acc.begin() + rows * dv, T(0));
-        for (int64_t j = 0; j < Nk; ++j) {
-          const T* vj = vb + j * svn;
-          for (int64_t i = 0; i < rows; ++i) {
-            const T p = scores[i * Nk + j];
-            T* ai = acc.data() + i * dv;
-#pragma omp simd
-            for (int64_t c = 0; c < dv; ++c) ai[c] += p * vj[c];
-          }
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          const T inv = T(1) / rowsum[i];
-          const T* ai = acc.data() + i * dv;
-          T* oi = ob + i * son;
-          for (int64_t c = 0; c < dv; ++c) oi[c] = ai[c] * inv;
-        }
-      }
+Isa cpu_isa() {
+  Isa isa = Isa::kDefault;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const std::string torch_cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
+  if (torch_cap.rfind("AVX512", 0) == 0) {
+    isa = Isa::kAvx512;
+  } else if (torch_cap == "AVX2") {
+    isa = Isa::kAvx2;
+  }
+  // the target lists of cpu/vec_isa_begin.h
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (isa == Isa::kAvx512 && !avx512) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && !avx2) isa = Isa::kDefault;
+  if (const char* cap = std::getenv("PYENGINE_CPU_CAPABILITY")) {
+    Isa asked = isa;
+    if (std::strcmp(cap, "default") == 0) {
+      asked = Isa::kDefault;
+    } else if (std::strcmp(cap, "avx2") == 0) {
+      asked = Isa::kAvx2;
+    } else if (std::strcmp(cap, "avx512") != 0 && cap[0] != '\0') {
+      TORCH_CHECK_VALUE(false, "pyengine::varlen_attention_fwd (CPU kernel): "
+                        "PYENGINE_CPU_CAPABILITY must be default, avx2 or avx512, got '", cap,
+                        "'");
     }
-  });
+    isa = std::min(isa, asked);
+  }
+#endif
+  return isa;
 }
+
+using RunItems = void (*)(const Problem&, int64_t, int64_t, void*);
+
+RunItems kernel_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &AVX512::run_items;
+    case Isa::kAvx2: return &AVX2::run_items;
+    default: return &DEFAULT::run_items;
+  }
+}
+
+// Relative cost of an item: the two GEMMs and the exponentials of its (padded) query rows.
+int64_t item_cost(const Problem& p, int64_t h, int64_t rows) {
+  const int64_t dq = p.qk_dim[h], dv = p.v_dim[h];
+  if (dv == 0) return 0;
+  if (dq == 0) return p.Nk * dv + rows * dv;
+  const int64_t padded = (rows + 15) / 16 * 16;
+  return padded * (p.Nk * (dq + dv + 8) + dq + dv);
+}
+
+}  // namespace
+}  // namespace varlen_cpu
+
+namespace {
 
 at::Tensor varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, at::IntArrayRef qk_dims,
                                     at::IntArrayRef v_dims, at::ArrayRef<double> scales) {
+  using namespace varlen_cpu;
   const VarlenHeads h = varlen_attention_check(q, k, v, qk_dims, v_dims, scales, "CPU kernel");
   TORCH_CHECK(q.device().is_cpu(), "pyengine::varlen_attention_fwd (CPU kernel): q, k, v must "
               "be CPU tensors, got ", q.device());
-  const auto dt = v.scalar_type();
-  const int64_t B = q.size(0), Nq = q.size(1);
-  if (dt == at::kHalf || dt == at::kBFloat16) {
-    // compute in float32 and round once at the end
-    at::Tensor out = at::empty({B, Nq, h.v_sum}, v.options().dtype(at::kFloat));
-    if (out.numel() > 0) {
-      varlen_attention_cpu_impl<float>(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), out,
-                                       h);
-    }
-    return out.to(dt);
-  }
+  const int64_t B = q.size(0), Nq = q.size(1), Nk = k.size(1);
   at::Tensor out = at::empty({B, Nq, h.v_sum}, v.options());
   if (out.numel() == 0) return out;
-  if (dt == at::kDouble) {
-    varlen_attention_cpu_impl<double>(q, k, v, out, h);
+
+  Problem p{};
+  switch (v.scalar_type()) {
+    case at::kFloat: p.dtype = Dtype::kFloat; break;
+    case at::kDouble: p.dtype = Dtype::kDouble; break;
+    case at::kBFloat16: p.dtype = Dtype::kBFloat16; break;
+    default: p.dtype = Dtype::kHalf; break;  // the check admits these four
+  }
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.B = B;
+  p.Nq = Nq;
+  p.Nk = Nk;
+  p.H = h.size();
+  p.sqb = q.stride(0);
+  p.sqn = q.stride(1);
+  p.skb = k.stride(0);
+  p.skn = k.stride(1);
+  p.svb = v.stride(0);
+  p.svn = v.stride(1);
+  p.sob = out.stride(0);
+  p.son = out.stride(1);
+  p.qk_dim = h.qk_dim.data();
+  p.v_dim = h.v_dim.data();
+  p.qk_off = h.qk_off.data();
+  p.v_off = h.v_off.data();
+  p.scale = h.scale.data();
+  p.max_qk = h.max_qk;
+  p.max_v = h.max_v;
+  p.block_m = kBlockM;
+  p.block_n = kBlockN;
+  if (const char* tune = std::getenv("PYENGINE_VARLEN_TUNE")) {  // DEV ONLY
+    long bm = 0, bn = 0;
+    if (std::sscanf(tune, "%ld,%ld", &bm, &bn) == 2 && bm > 0 && bm % 16 == 0 && bn > 0) {
+      p.block_m = bm;
+      p.block_n = bn;
+    }
+  }
+  p.n_qblocks = (Nq + p.block_m - 1) / p.block_m;
+  p.n_kblocks = std::max<int64_t>(1, (Nk + p.block_n - 1) / p.block_n);
+
+  // one contiguous item range per thread, of about equal cost
+  const int64_t n_items = B * p.H * p.n_qblocks;
+  std::vector<int64_t> prefix(n_items + 1, 0);
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int64_t qb = it % p.n_qblocks, hh = (it / p.n_qblocks) % p.H;
+    int64_t i0 = 0, rows = 0;
+    query_block(p, qb, &i0, &rows);
+    prefix[it + 1] = prefix[it] + item_cost(p, hh, rows);
+  }
+  const int64_t total = prefix[n_items];
+  const int64_t threads = at::in_parallel_region()
+                              ? 1
+                              : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                       n_items));
+  std::vector<int64_t> bound(threads + 1, n_items);
+  bound[0] = 0;
+  for (int64_t t = 1; t < threads; ++t) {
+    const int64_t target = total * t / threads;
+    bound[t] = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+  }
+  const RunItems run = kernel_for(cpu_isa());
+  const int64_t ws_bytes = workspace_bytes(p);
+  at::Tensor ws = at::empty({threads * ws_bytes}, q.options().dtype(at::kByte));
+  uint8_t* ws_base = ws.mutable_data_ptr<uint8_t>();  // 64-byte aligned (torch's allocator)
+  auto body = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (bound[t] < bound[t + 1]) run(p, bound[t], bound[t + 1], ws_base + t * ws_bytes);
+    }
+  };
+  if (threads == 1) {
+    body(0, 1);
   } else {
-    varlen_attention_cpu_impl<float>(q, k, v, out, h);
+    at::parallel_for(0, threads, 1, body);
   }
   return out;
 }
