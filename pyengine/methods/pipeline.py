@@ -101,7 +101,7 @@ class PruneJob:
         if out.exists() and not out.is_dir():
             raise SettingError("out", f"out {out} is a file; give a directory")
         if out.is_dir() and not (self.resume or self.overwrite):
-            held = sorted(p.name for p in out.iterdir())
+            held = _held(out)
             if held:
                 raise SettingError(
                     "out", f"out {out} is not empty (it holds {', '.join(held[:4])}"
@@ -188,6 +188,16 @@ def check_finite(model: nn.Module, where: str) -> None:
                 raise FloatingPointError(f"{where}: {kind} {name} holds {what} values")
 
 
+def _held(out: Path) -> list[str]:
+    """What ``out`` holds, not counting the settings record of a run that stopped before it
+    wrote anything else."""
+    held = sorted(p.name for p in out.iterdir())
+    ck = out / "checkpoints"
+    if held == ["checkpoints"] and ck.is_dir() and [p.name for p in ck.iterdir()] == [RUN_FILE]:
+        return []
+    return held
+
+
 def _prepare_out(job: PruneJob, run_id: dict, log) -> Path:
     """OUT ready for this run: a new run (or --overwrite) starts with no checkpoints and
     records its settings; --resume checks that the recorded settings are this run's."""
@@ -221,8 +231,10 @@ def _prepare_out(job: PruneJob, run_id: dict, log) -> Path:
 def _record_file(out: Path, name: str, data: bytes) -> None:
     """Note the size and checksum of ``checkpoints/name`` in run.json (checked on resume)."""
     record = out / "checkpoints" / RUN_FILE
+    if not record.is_file():  # a resumed run from before run records
+        return
     doc = json.loads(record.read_text())
-    doc["files"][name] = entry(data)
+    doc.setdefault("files", {})[name] = entry(data)
     write_json(doc, record)
 
 
@@ -306,7 +318,8 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
             data = st_save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
             write_bytes(dense_file, data)
             _record_file(out, dense_file.name, data)
-    check_finite(model, "the dense model")
+    check_finite(model, f"the dense weights of {job.checkpoint}" if job.checkpoint
+                 else "the dense model")
     times["dense_s"] = time.perf_counter() - t0
     model.eval()
     dense_top1 = evaluate(model, val_loader, t.device)

@@ -313,8 +313,13 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, lr: flo
                 raise ValueError(f"cannot resume {ckpt}: it has {prog['steps_per_epoch']} steps "
                                  f"per epoch, this loader {steps_per_epoch} (data or batch size "
                                  f"changed)")
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
+            try:
+                model.load_state_dict(st["model"])
+                opt.load_state_dict(st["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"cannot resume from {ckpt}: it does not fit this model or "
+                                 f"optimizer ({first})") from None
             sched.load_state_dict(st["scheduler"])
             if scaler is not None and st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
