@@ -292,3 +292,16 @@ def test_save_refuses_unknown_kwargs_and_keeps_other_files(tmp_path, monkeypatch
     monkeypatch.chdir(d)
     with pytest.raises(ValueError, match="current directory"):
         pyengine.save(_compact(1), ".")
+
+
+def test_a_mount_point_is_replaced_file_by_file_with_a_warning(tmp_path, monkeypatch):
+    # a mount point cannot be renamed: the files are replaced one by one (manifest last)
+    a, b = _compact(1), _compact(2)
+    d = tmp_path / "mnt"
+    pyengine.save(a, d)
+    real = os.path.ismount
+    monkeypatch.setattr(atomic.os.path, "ismount", lambda p: str(p) == str(d) or real(p))
+    with pytest.warns(UserWarning, match="mount point"):
+        pyengine.save(b, d)
+    assert _same(pyengine.load(d), b) and sorted(p.name for p in d.iterdir()) == [
+        "config.json", "manifest.json", "model.safetensors", "spec.json"]

@@ -230,7 +230,8 @@ def COMPARE(dest, v, a):  # noqa: N802
 def OP_BACKEND(dest, v, a):  # noqa: N802
     from pyengine.ops import BACKENDS
     if v not in BACKENDS:
-        raise SettingError(dest, f"{flag(dest)} {v!r}: choose one of {', '.join(BACKENDS)}")
+        raise SettingError(dest, f"{flag(dest)} {v!r}: unknown attention backend; choose one of "
+                                 f"{', '.join(BACKENDS)}")
 
 
 def CUDA_ONLY(dest, v, a):  # noqa: N802
@@ -239,11 +240,19 @@ def CUDA_ONLY(dest, v, a):  # noqa: N802
         import torch
         dev = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
         if not str(dev).startswith("cuda"):
-            raise SettingError(dest, f"{flag(dest)} needs --device cuda (here: {dev})")
+            raise SettingError(dest, f"{flag(dest)} needs --device cuda (CUDA graphs; here: "
+                                     f"{dev})")
+
+
+def SPEC_OR_TARGET(dest, v, a):  # noqa: N802
+    """--target (a MAC fraction) and --spec (a structure) both say what to build: one only."""
+    OPT_FRACTION(dest, v, a)
+    if v is not None and getattr(a, "spec", None):
+        raise SettingError(dest, "give --spec or --target, not both")
 
 
 SEED = NONNEG
-_MODEL_ARGS = {"model": MODEL, "spec": INPUT_FILE, "target": OPT_FRACTION, "seed": SEED,
+_MODEL_ARGS = {"model": MODEL, "target": SPEC_OR_TARGET, "spec": INPUT_FILE, "seed": SEED,
                "model_kwargs": MODEL_KWARGS}
 
 # command -> {flag dest: rule}

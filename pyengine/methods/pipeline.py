@@ -95,8 +95,9 @@ class PruneJob:
             raise SettingError("checkpoint", "no checkpoint: give the dense weights with "
                                "--checkpoint FILE or train them here with --dense-epochs N")
         if self.resume and self.overwrite:
-            raise SettingError("overwrite", "overwrite and resume contradict each other: resume "
-                               "continues the run in out, overwrite starts a new one there")
+            raise SettingError("overwrite", "overwrite and --resume contradict each other: "
+                               "--resume continues the run in out, --overwrite starts a new "
+                               "one there")
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise SettingError("out", f"out {out} is a file; give a directory")
