@@ -101,12 +101,11 @@ def test_resume_with_other_settings_is_refused_listing_the_differences(tmp_path,
     dense.write_bytes(good)
     # the checkpoints themselves record the run: without the run record they still refuse
     (out / "checkpoints" / "run.json").unlink()
-    with pytest.warns(UserWarning, match="records no run settings"):
-        assert main([*args[:-4], "--target", "0.3", "--out", str(out), "--resume"]) == 1
-    line = _err(capsys)
+    assert main([*args[:-4], "--target", "0.3", "--out", str(out), "--resume"]) == 1
+    warning, line = capsys.readouterr().err.splitlines()
+    assert warning.startswith("pyengine prune: warning: ") and "records no run settings" in warning
     assert "hiap/step-" in line and "budget.target: 0.5 -> 0.3" in line
-    with pytest.warns(UserWarning, match="records no run settings"):
-        assert main([*args, "--resume"]) == 0  # the same settings resume
+    assert main([*args, "--resume"]) == 0  # the same settings resume
 
 
 def _tiny_fit(ckdir, epochs=1, resume=False, lr=3e-3):
@@ -470,3 +469,42 @@ def test_guards_do_not_trip_on_a_healthy_model():
         from pyengine.methods.criteria import calibrate, score
         x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
         assert len(score(m, "agf", calibrate(m, [(x, y)], batches=1))) == 2
+
+
+def test_demo_replaces_a_previous_demo_but_not_other_directories(tmp_path, monkeypatch):
+    import pyengine.methods.pipeline as pipeline
+    from pyengine.experiments.demo import run as demo_run
+    jobs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(job, log=print):
+        jobs.append(job)
+        job.check()
+        raise Stop
+    monkeypatch.setattr(pipeline, "run", capture)
+    out = tmp_path / "pyengine-demo"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # a previous demo: `pyengine demo` twice works
+    with pytest.raises(Stop):
+        demo_run(out, tiny=True, progress=False)
+    assert jobs[-1].overwrite
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty .*--overwrite"):
+        demo_run(other, tiny=True, progress=False)
+    with pytest.raises(Stop):
+        demo_run(other, tiny=True, progress=False, overwrite=True)
+
+
+def test_warnings_are_one_line_too(tmp_path, capsys, monkeypatch):
+    import pyengine.cli.commands.spec as spec_cmd
+
+    def warn(a):
+        warnings.warn("something to know\nacross lines")
+        return 0
+    monkeypatch.setattr(spec_cmd, "run", warn)
+    assert main(["spec", "--model", "deit_tiny_patch16_224"]) == 0
+    assert capsys.readouterr().err == "pyengine spec: warning: something to know across lines\n"

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 # the subcommands, in the order --help lists them
 COMMANDS = ("demo", "prune", "spec", "compile", "cost", "bench", "profile", "sweep", "route",
@@ -73,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = a.debug or a.debug_all or os.environ.get("PYENGINE_DEBUG", "") not in ("", "0")
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"pyengine {a.command}: warning: {' '.join(str(message).split())}",
+              file=file or sys.stderr)
     try:
-        check(a.command, a)  # every flag, before any work
-        return a.func(a)
+        with warnings.catch_warnings():
+            if not debug:  # a warning is one line too (--debug: where it came from)
+                warnings.showwarning = one_line
+            check(a.command, a)  # every flag, before any work
+            return a.func(a)
     except KeyboardInterrupt:
         print(f"pyengine {a.command}: interrupted", file=sys.stderr)
         return 130
