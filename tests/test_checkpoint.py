@@ -81,7 +81,7 @@ def test_flatten_roundtrip_no_pickle(tmp_path):
              "np": np.arange(5, dtype=np.uint32), "none": None, "s": "x", "f": float("inf"),
              "bf": torch.ones(2, dtype=torch.bfloat16)}
     path = ck.save_checkpoint(tmp_path, 7, state)
-    assert sorted(p.name for p in path.iterdir()) == [ck.META, ck.TENSORS]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", ck.META, ck.TENSORS]
     json.loads((path / ck.META).read_text())  # plain JSON
     back = ck.load_checkpoint(path)
     assert torch.equal(back["a"], state["a"]) and back["bf"].dtype == torch.bfloat16

@@ -141,8 +141,8 @@ def test_save_load_round_trip_exact(tmp_path, monkeypatch, name):
     pyengine.apply(model, random_cnn_spec(resnet.geometry(model), 3, model=name))
     compact = pyengine.compile(model).eval()
     pyengine.save(compact, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors",
-                                                          "spec.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "manifest.json",
+                                                          "model.safetensors", "spec.json"]
     assert "stages" in json.loads((tmp_path / "spec.json").read_text())
 
     def no_pickle(*a, **k):

@@ -51,6 +51,7 @@ def test_random_specs_round_trip_with_geometry():
     (lambda d: d["blocks"].pop(), "dense.depth"),
     (lambda d: d["blocks"][0]["heads"].append(dict(d["blocks"][0]["heads"][0])), "duplicate head"),
     (lambda d: d["blocks"][0]["heads"][0].update(v=[]), "keeps no value dims"),
+    (lambda d: d.update(meta=[1, 2]), "meta: expected a JSON object"),
 ])
 def test_validation_errors_are_clear(mutate, message):
     g = pyengine.geometry(timm.create_model("deit_tiny_patch16_224"))

@@ -16,7 +16,6 @@ also used by bench/cpu_compact_speedup.py).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -130,12 +129,13 @@ def _macs(per_image: float) -> str:
 
 def run_synthetic(out: str | Path = "pyengine-demo", model_name: str = "deit_small_patch16_224",
                   target: float = 0.5, batch: int = 8, repeats: int = 10, seed: int = 0) -> dict:
+    from pyengine.io.atomic import write_json
     r = compact_vs_dense(model_name, target, batch, repeats, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {k: v for k, v in r.items() if k != "spec"}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "spec.json").write_text(json.dumps(r["spec"]) + "\n")
+    write_json(report, out / "report.json")
+    write_json(r["spec"], out / "spec.json", indent=None)
     print(format_table(r))
     print(f"\nwrote {out / 'report.json'} and {out / 'spec.json'}")
     return r
@@ -147,7 +147,7 @@ def run_synthetic(out: str | Path = "pyengine-demo", model_name: str = "deit_sma
 
 
 def prune_job(out: str | Path, cfg: dict, model_kwargs: dict, seed: int = 0,
-              progress: bool = True):
+              progress: bool = True, overwrite: bool = False):
     """The ``pyengine prune`` job the demo runs."""
     from pyengine.methods.base import Budget, Training
     from pyengine.methods.hiap import HiAP
@@ -165,12 +165,16 @@ def prune_job(out: str | Path, cfg: dict, model_kwargs: dict, seed: int = 0,
                           amp=None, seed=seed, device="cpu", progress=progress, resume=False),
         method_config=HiAP.Config(tau_start=2.0, tau_end=0.5, gate_lr=cfg["gate_lr"],
                                   gate_init=3.0, budget_weight=20.0, macro_weight=2.0,
-                                  micro_weight=1.0, feasibility_weight=1.0))
+                                  micro_weight=1.0, feasibility_weight=1.0),
+        overwrite=overwrite)
 
 
 def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
-        threads: int | None = None, progress: bool = True, **overrides) -> dict:
-    """The demo; returns the report (also written to ``out/report.json``)."""
+        threads: int | None = None, progress: bool = True, overwrite: bool = False,
+        **overrides) -> dict:
+    """The demo; returns the report (also written to ``out/report.json``). A previous demo's
+    ``out`` (it has report.json) is replaced; any other non-empty ``out`` needs
+    ``overwrite``."""
     from pyengine.io.atomic import write_json
     from pyengine.methods.pipeline import run as prune_run
     if threads:
@@ -185,7 +189,8 @@ def run(out: str | Path = "pyengine-demo", *, tiny: bool = False, seed: int = 0,
     env = environment("cpu")
     print(f"pyengine demo: digits ViT {model_kwargs} at {cfg['img_size']}px, HiAP to "
           f"{cfg['target']:.0%} MACs; {env['cpu']}, {env['threads']} threads", flush=True)
-    res = prune_run(prune_job(out, cfg, model_kwargs, seed, progress),
+    overwrite = overwrite or (out / "report.json").is_file()
+    res = prune_run(prune_job(out, cfg, model_kwargs, seed, progress, overwrite),
                     log=lambda s: print(s, flush=True))
     m, compact, dense = res["metrics"], res["compact"].eval(), res["dense"].eval()
     max_abs_diff = m["max_abs_diff"]  # compact vs hard-gated on up to 256 validation images

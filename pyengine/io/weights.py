@@ -18,7 +18,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(p))
+        try:
+            state = load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"checkpoint {p} is not a readable safetensors file ({e})") \
+                from None
     else:
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -32,7 +36,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {p} does not hold a state_dict of tensors")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    for k, v in state.items():  # integer weights where floats belong: refused, not cast
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"checkpoint {p}: tensor {k} is {str(v.dtype).replace('torch.', '')}"
+                             f", the model needs floating point (weights are not cast from "
+                             "integers)")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"checkpoint {p} does not fit the model: "
+                         f"{'; '.join(lines[:3]) or e}") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint {p} does not fit the model: missing {sorted(missing)[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected "

@@ -37,8 +37,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from pyengine.errors import SettingError
+
 __all__ = ["Budget", "Training", "MethodContext", "Method", "register_method", "get_method",
-           "methods", "run_method", "split_options", "check_config"]
+           "methods", "run_method", "split_options", "check_config", "check_values",
+           "check_geometry"]
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MethodContext:
     val_loader: Any = None
     log: Callable[[str], None] = print
     img_size: int | None = None  # the input side (the cost model's input for CNNs)
+    run: dict | None = None  # the settings that define the run (recorded in checkpoints)
 
     def checkpoint_dir(self, name: str) -> str | None:
         d = self.training.checkpoint_dir
@@ -163,10 +167,38 @@ def split_options(method: Method, options: dict[str, Any]) -> tuple[Budget, Trai
     return Budget(**parts[Budget]), Training(**parts[Training]), method.Config(**parts[method.Config])
 
 
+def check_values(obj, where: str = "") -> None:
+    """Every field of dataclass ``obj`` typed ``int`` holds an int and every float is finite
+    (None allowed where the field's type says so); the error names the field."""
+    at = f"{where}: " if where else ""
+
+    def bad(name, text):
+        raise SettingError(name, f"{at}{name} {text}") if not at else ValueError(f"{at}{name} "
+                                                                                f"{text}")
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kinds = {p.strip() for p in str(text).split("|")}
+        if v is None:
+            if "None" not in kinds:
+                bad(f.name, "must be set, got None")
+            continue
+        if "int" in kinds and "float" not in kinds and (not isinstance(v, int)
+                                                        or isinstance(v, bool)):
+            bad(f.name, f"must be an integer, got {v!r}")
+        if "float" in kinds:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(f.name, f"must be a number, got {v!r}")
+            if not math.isfinite(v):
+                bad(f.name, f"must be a finite number, got {v!r}")
+
+
 def check_config(budget: Budget, training: Training) -> None:
     """Reject bad shared settings with one message naming the setting, before any work."""
     def bad(name, value, want):
-        raise ValueError(f"{name} must be {want}, got {value!r}")
+        raise SettingError(name, f"{name} must be {want}, got {value!r}")
+    check_values(budget)
+    check_values(training)
     if not isinstance(budget.target, (int, float)) or not 0.0 < budget.target <= 1.0:
         bad("target", budget.target, "a fraction of dense MACs in (0, 1]")
     if not 0.0 <= budget.tolerance < 1.0:
@@ -193,6 +225,26 @@ def check_config(budget: Budget, training: Training) -> None:
         bad("grad_clip", training.grad_clip, "> 0")
     if training.amp not in (None, "bf16", "fp16"):
         bad("amp", training.amp, "None, 'bf16' or 'fp16'")
+    for name in ("warmup_steps", "seed"):
+        v = getattr(training, name)
+        if v < 0:
+            bad(name, v, "an integer >= 0")
+    from pyengine.train.device import check_device
+    check_device(training.device, "device")
+
+
+def check_geometry(budget: Budget, geometry) -> None:
+    """Budget settings the model cannot meet (checked as soon as the model is built)."""
+    heads = getattr(geometry, "num_heads", None)
+    if heads is not None and budget.min_heads > heads:
+        raise SettingError("min_heads", f"min_heads must be at most the model's {heads} heads per layer, got "
+                         f"{budget.min_heads}")
+    widths = [w for w in (getattr(geometry, "head_dim", None),
+                          getattr(geometry, "mlp_hidden", None)) if w]
+    if budget.round_to is not None and widths and budget.round_to > max(widths):
+        raise SettingError("round_to", f"round_to must be at most the model's widest unit ({max(widths)}: "
+                         f"head dim {getattr(geometry, 'head_dim', '-')}, FFN "
+                         f"{getattr(geometry, 'mlp_hidden', '-')}), got {budget.round_to}")
 
 
 def run_method(model: nn.Module, method: str, train_loader=None, val_loader=None, *,

@@ -137,9 +137,17 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 8, device="cpu"
             except StopIteration:
                 break
             x, y = x.to(device), y.to(device)
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(f"calibrate: calibration batch {done + 1} holds NaN/inf "
+                                         "inputs; check the data")
             captured.clear()
             with torch.enable_grad():
                 loss = loss_fn(model, x, y)
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    raise FloatingPointError(
+                        f"calibrate: the loss of calibration batch {done + 1} is "
+                        f"{float(loss.detach())}; the model's weights or activations are not "
+                        "finite")
                 loss.backward()
             missing = [k for k in keys if k not in captured]
             if missing:
@@ -168,6 +176,13 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 8, device="cpu"
     for n, p in params.items():
         p.grad = saved_grads[n]
     stats = [{k: v for (j, k), v in acc.items() if j == i} for i in range(nblocks)]
+    for (i, k), v in acc.items():
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(f"calibrate: the activation statistics of block {i} "
+                                     f"({k}) are not finite")
+    for n, g in grads.items():
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"calibrate: the gradient of {n} is not finite")
     return Calibration(stats, grads, samples, done, total_loss / samples)
 
 
@@ -391,7 +406,13 @@ def score(model: nn.Module, criterion: str, calib: Calibration | None = None,
     for i in range(n):
         b = _Block(units.layers(i), units.groups(i), calib.stats[i] if calib else None, grad,
                    calib.samples if calib else 0, gen)
-        out.append(units.assemble(i, crit.block(b)))
+        raw = crit.block(b)
+        for name, v in raw.items():  # NaN scores would rank arbitrarily: stop here
+            if not bool(torch.isfinite(torch.as_tensor(v)).all()):
+                raise FloatingPointError(f"score: {criterion} scores of block {i} ({name}) are "
+                                         "not finite; the weights or calibration statistics "
+                                         "hold NaN/inf")
+        out.append(units.assemble(i, raw))
     return out
 
 

@@ -325,7 +325,7 @@ class HiAP(Method):
             weight_decay=float(t.weight_decay), param_groups=groups, grad_clip=t.grad_clip,
             amp=t.amp, teacher=ctx.teacher, kd_alpha=float(t.kd_alpha),
             kd_temperature=float(t.kd_temperature), extra_loss=loss, on_step=schedule,
-            checkpoint_dir=ctx.checkpoint_dir("hiap"), resume=bool(t.resume),
+            checkpoint_dir=ctx.checkpoint_dir("hiap"), resume=bool(t.resume), run=ctx.run,
             seed=int(t.seed), device=t.device, progress=bool(t.progress),
             log=row_printer("hiap", bool(t.progress)), warmup_steps=int(t.warmup_steps))
         model.eval()

@@ -331,8 +331,9 @@ class SSS(Method):
             weight_decay=wd, param_groups=groups, grad_clip=t.grad_clip, amp=t.amp,
             teacher=ctx.teacher, kd_alpha=float(t.kd_alpha),
             kd_temperature=float(t.kd_temperature), on_step=ctl, extra_state={"apg": apg},
-            checkpoint_dir=ctx.checkpoint_dir("sss"), resume=bool(t.resume), seed=int(t.seed),
-            device=t.device, progress=bool(t.progress), warmup_steps=int(t.warmup_steps),
+            checkpoint_dir=ctx.checkpoint_dir("sss"), resume=bool(t.resume), run=ctx.run,
+            seed=int(t.seed), device=t.device, progress=bool(t.progress),
+            warmup_steps=int(t.warmup_steps),
             log=lambda row: log("sss epoch " + " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())))
         ctl.finish()

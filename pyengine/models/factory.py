@@ -11,16 +11,115 @@
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["create_model", "load_model", "model_name", "img_size_is_input"]
+__all__ = ["create_model", "load_model", "model_name", "img_size_is_input", "MODEL_KWARGS",
+           "check_model_kwargs", "check_model_name"]
 
 # timm families whose constructors take no img_size: any input size runs, and pyengine keeps
 # the size as the cost model's input (model.pyengine_img_size)
 _SIZE_FREE_MODULES = ("timm.models.resnet",)
+
+
+# ---- what a saved config.json may hand to timm.create_model --------------------------------
+# Constructor settings of the supported families, each with its JSON type. Nothing that loads
+# weights, names a file or reaches the network (pretrained, pretrained_cfg(_overlay),
+# checkpoint_path, cache_dir, ...) is here, so a model directory cannot make load() do that.
+# A new family adds its own settings here.
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{0,64}$")  # a layer / pooling name, never a path
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _bool(v):
+    return isinstance(v, bool)
+
+
+def _name(v):
+    return isinstance(v, str) and bool(_NAME.match(v))
+
+
+def _int_or_pair(v):
+    return _int(v) or (isinstance(v, list) and len(v) == 2 and all(_int(x) for x in v))
+
+
+def _ints(v):
+    return isinstance(v, list) and len(v) <= 64 and all(_int(x) for x in v)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+_TYPE_NAMES = {_int: "an integer", _num: "a finite number", _bool: "true or false",
+               _name: "a short name (letters, digits, _ . -)", _int_or_pair:
+               "an integer or [h, w]", _ints: "a list of integers"}
+
+MODEL_KWARGS: dict[str, Callable[[Any], bool]] = {
+    # timm VisionTransformer
+    "img_size": _int_or_pair, "patch_size": _int_or_pair, "in_chans": _int,
+    "num_classes": _int, "global_pool": _name, "embed_dim": _int, "depth": _int,
+    "num_heads": _int, "mlp_ratio": _num, "qkv_bias": _bool, "qk_norm": _bool,
+    "scale_attn_norm": _bool, "scale_mlp_norm": _bool, "proj_bias": _bool,
+    "init_values": _optional(_num), "class_token": _bool, "pos_embed": _name,
+    "no_embed_class": _bool, "reg_tokens": _int, "pre_norm": _bool, "final_norm": _bool,
+    "fc_norm": _optional(_bool), "pool_include_prefix": _bool, "dynamic_img_size": _bool,
+    "dynamic_img_pad": _bool, "drop_rate": _num, "pos_drop_rate": _num,
+    "patch_drop_rate": _num, "proj_drop_rate": _num, "attn_drop_rate": _num,
+    "drop_path_rate": _num, "weight_init": _name, "fix_init": _bool, "act_layer": _name,
+    "norm_layer": _name,
+    # pyengine's digits models (models.zoo)
+    "pos_init": _name, "pos_temperature": _num,
+    # timm ResNet
+    "output_stride": _int, "cardinality": _int, "base_width": _int, "stem_width": _int,
+    "stem_type": _name, "replace_stem_pool": _bool, "block_reduce_first": _int,
+    "down_kernel_size": _int, "avg_down": _bool, "channels": _ints, "drop_block_rate": _num,
+    "zero_init_last": _bool,
+}
+
+
+def check_model_kwargs(kwargs: Any, where: str = "model kwargs") -> dict:
+    """``kwargs`` if every key is a known constructor setting of the right JSON type
+    (:data:`MODEL_KWARGS`); else a ValueError naming ``where`` and the key."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        check = MODEL_KWARGS.get(k)
+        if check is None:
+            raise ValueError(f"{where}: {k!r} is not a model setting pyengine rebuilds models "
+                             "with (settings that load weights or read files never are; a new "
+                             "one goes into pyengine.models.factory.MODEL_KWARGS)")
+        if not check(v):
+            want = next((n for f, n in _TYPE_NAMES.items() if f is check), "another type")
+            raise ValueError(f"{where}: {k} must be {want}, got {v!r}")
+    return kwargs
+
+
+def check_model_name(name: Any, where: str = "--model") -> str:
+    """``name`` if it is a model in timm's registry (digits models included)."""
+    import timm
+
+    from pyengine.models import zoo  # noqa: F401  (registers the digits models with timm)
+    at = f"{where}: " if where else ""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{at}expected a model name, got {name!r}")
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        raise ValueError(f"{at}unknown model {name!r}: neither a timm model name nor a "
+                         "pyengine.save directory" + (f" (similar: {', '.join(close)})"
+                                                      if close else ""))
+    return name
 
 
 def img_size_is_input(name: str) -> bool:
@@ -39,9 +138,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     from pyengine.models import zoo  # noqa: F401  (registers the digits models with timm)
     kwargs.setdefault("pretrained", False)
     arch = name.split(".")[0]
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown model {name!r}: neither a timm model name "
-                         "(timm.list_models() lists them) nor a pyengine.save directory")
+    check_model_name(name, "")
     size = None
     if "img_size" in kwargs and img_size_is_input(arch):
         size = kwargs.pop("img_size")

@@ -40,8 +40,8 @@ def gate_factory(method: str, **kwargs) -> Callable[[Mapping[str, tuple[int, ...
         if method in _PLANNED:
             raise NotImplementedError(
                 f"gate method {method!r} is not available in this build yet (it lands with "
-                f"{_PLANNED[method]}); available: {sorted(_KINDS)}")
-        raise ValueError(f"unknown gate method {method!r}; available: {sorted(_KINDS)}")
+                f"{_PLANNED[method]}); available: {available_methods()}")
+        raise ValueError(f"unknown gate method {method!r}; available: {available_methods()}")
     cls = _KINDS[method]
     return lambda shapes: cls(shapes, **kwargs)
 

@@ -37,6 +37,14 @@ class SpecError(ValueError):
     """A spec that is malformed or does not fit the model it is used with."""
 
 
+def _meta(d: Mapping[str, Any]) -> dict:
+    """A spec's free-form ``meta``: a JSON object (or absent)."""
+    meta = d.get("meta")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise SpecError(f"meta: expected a JSON object, got {meta!r}")
+    return dict(meta or {})
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Shape of the dense ViT a spec refers to (what index ranges and costs are checked against)."""
@@ -255,7 +263,7 @@ class Spec(_JsonFile):
         model = d.get("model")
         if model is not None and not isinstance(model, str):
             raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(blocks), model=model, dense=dense, meta=dict(d.get("meta") or {}))
+        return cls(tuple(blocks), model=model, dense=dense, meta=_meta(d))
 
     # ---- output ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -493,7 +501,7 @@ class CnnSpec(_JsonFile):
         model = d.get("model")
         if model is not None and not isinstance(model, str):
             raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(stages), model=model, dense=dense, meta=dict(d.get("meta") or {}))
+        return cls(tuple(stages), model=model, dense=dense, meta=_meta(d))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": FORMAT, "model": self.model}

@@ -7,7 +7,9 @@ keeps the structure with ``{"__tensor__": key}`` where each tensor was. Dicts wi
 keys (optimizer state is keyed by int) and tuples are tagged so they come back as they were.
 
 Writes are atomic: the directory is written under a temporary name and renamed, so a kill
-at any moment leaves either the previous checkpoint or the new one, never a torn one.
+at any moment leaves either the previous checkpoint or the new one, never a torn one. A
+``manifest.json`` (size and SHA-256 of both files) is checked on load, and ``run`` (the
+settings that define the run) is recorded so that a resume with other settings is refused.
 """
 from __future__ import annotations
 
@@ -21,11 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from pyengine.io.atomic import fsync_dir, write_synced
+from pyengine.io.manifest import MANIFEST, CorruptFileError, manifest_bytes, read_manifest, \
+    read_verified
 
 FORMAT = "pyengine.checkpoint/1"
 TENSORS, META = "state.safetensors", "state.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
+_TEMP = re.compile(r"^\.(?P<kind>tmp|old)-(?P<name>step-\d{8,})-(?P<pid>\d+)$")
 
 
 # ---------------------------------------------------------------------------- flattening
@@ -108,11 +116,30 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _cleanup(root: Path) -> None:
+    """Remove what writers killed mid-save left (a half-written ``.tmp-*``); put back a
+    checkpoint a writer had moved aside (``.old-*``) when its replacement never arrived."""
+    from pyengine.io.atomic import _alive
+    for p in list(root.iterdir()):
+        m = _TEMP.match(p.name)
+        if not m or _alive(int(m.group("pid"))):
+            continue
+        final = root / m.group("name")
+        try:
+            if m.group("kind") == "old" and not final.exists():
+                os.rename(p, final)
+            else:
+                shutil.rmtree(p)
+        except OSError:
+            pass
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first (temporary directories ignored)."""
     root = Path(root)
     if not root.is_dir():
         return []
+    _cleanup(root)
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
@@ -126,25 +153,30 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: int = 2,
+                    run: dict | None = None) -> Path:
     """Write ``state`` (nested dict) as ``root/step-<step>/`` atomically; keep the newest ``keep``.
 
+    ``run``: the settings that define the run (JSON), recorded for :func:`check_run`.
     Returns the checkpoint directory.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": FORMAT, "step": int(step), "state": flatten(state, tensors)}
+    if run is not None:
+        meta["run"] = run
+    files = {TENSORS: st_save(tensors, metadata={"format": FORMAT}),
+             META: json.dumps(meta, indent=1).encode()}
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-    with open(tmp / META, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    for name, data in files.items():
+        write_synced(tmp / name, data)
+    write_synced(tmp / MANIFEST, manifest_bytes(files))
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -152,20 +184,95 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
+    fsync_dir(root)
     if keep > 0:
         for p in list_checkpoints(root)[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The nested state saved by :func:`save_checkpoint` (tensors on CPU)."""
-    path = Path(path)
+def _read_meta(path: Path) -> tuple[dict, dict | None]:
+    """(state.json parsed and checked, the manifest) of checkpoint ``path``."""
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         raise FileNotFoundError(f"{path} is not a pyengine checkpoint (needs {META} and {TENSORS})")
-    with open(path / META) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    tensors = load_file(str(path / TENSORS), device="cpu")
-    return unflatten(meta["state"], tensors)
+    files = read_manifest(path)
+    raw = read_verified(path / META, None if files is None else files.get(META))
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path / META}: not valid JSON ({e}); delete {path} to resume "
+                               "from the checkpoint before it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path / META}: format {got!r}, expected {FORMAT!r} (not a pyengine "
+                         "training checkpoint)")
+    if "state" not in meta:
+        raise CorruptFileError(f"{path / META}: no 'state' entry")
+    return meta, files
+
+
+def checkpoint_run(path: str | Path) -> dict | None:
+    """The run settings recorded in checkpoint ``path`` (None if it has none)."""
+    return _read_meta(Path(path))[0].get("run")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_differences(recorded: dict, current: dict) -> list[str]:
+    """``"key: recorded -> current"`` for every setting that differs (nested settings by
+    dotted key; a setting only one side has shows as <unset> on the other)."""
+    a, b = _flat(recorded), _flat(current)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def check_run(path: str | Path, run: dict | None, what: str = "resume") -> None:
+    """Refuse to continue from checkpoint ``path`` with settings ``run`` other than those it
+    was written with; the message lists every difference."""
+    if run is not None:
+        _compare(Path(path), checkpoint_run(path), run, what)
+
+
+def _compare(path: Path, recorded: dict | None, run: dict, what: str = "resume") -> None:
+    if recorded is None:
+        import warnings
+        warnings.warn(f"{path} records no run settings (an older checkpoint); cannot check "
+                      f"that this {what} has the same settings", stacklevel=3)
+        return
+    diff = run_differences(recorded, _jsonable(run))
+    if diff:
+        raise ValueError(f"cannot {what} from {path}: it was written by a run with other "
+                         f"settings ({'; '.join(diff)}); use the same settings, or start over")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def load_checkpoint(path: str | Path, run: dict | None = None) -> dict[str, Any]:
+    """The nested state saved by :func:`save_checkpoint` (tensors on CPU), after checking its
+    files against the manifest (and ``run`` against the recorded settings)."""
+    path = Path(path)
+    meta, files = _read_meta(path)
+    if run is not None:
+        _compare(path, meta.get("run"), run)
+    raw = read_verified(path / TENSORS, None if files is None else files.get(TENSORS))
+    try:
+        tensors = st_load(raw)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CorruptFileError(f"{path / TENSORS}: not a readable safetensors file ({e})") \
+            from None
+    try:
+        return unflatten(meta["state"], tensors)
+    except KeyError as e:
+        raise CorruptFileError(f"{path / META} refers to tensor {e} that {path / TENSORS} does "
+                               "not hold") from None

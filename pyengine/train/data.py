@@ -109,27 +109,72 @@ def digits(split: str = "train", img_size: int = 32, seed: int = 0,
     return Digits(x, y[keep], augment=bool(augment) and split == "train", **limits)
 
 
+def check_data(data: str) -> None:
+    """``data`` is "digits" or a folder with ``train/`` and ``val/`` splits (checked before any
+    work; the classes are checked when the datasets are read, see :func:`datasets`)."""
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"data must be 'digits' or an image folder, got {data!r}")
+    if data == "digits":
+        return
+    root = Path(data)
+    layout = (f"expected 'digits' or an ImageNet-layout folder {root}/train/<class>/*.jpg and "
+              f"{root}/val/<class>/*.jpg")
+    if not root.exists():
+        raise FileNotFoundError(f"data {root} does not exist; {layout}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data {root} is a file; {layout}")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"{root / split} is not a directory; {layout}")
+
+
 def image_folder(root: str | Path, split: str, img_size: int = 224, augment: bool = True,
                  hflip: float = 0.5, **transform_kwargs) -> Dataset:
     """An ImageNet-layout folder split through timm's ``create_dataset`` and ``create_transform``.
 
     The training split gets timm's training transform (random resized crop, flip ``hflip``,
-    colour jitter) when ``augment``; validation gets resize + centre crop.
+    colour jitter) when ``augment``; validation gets resize + centre crop. A split without
+    images, images outside class folders, or class folders without images are errors.
     """
     from timm.data import create_dataset, create_transform
+    from timm.data.readers.img_extensions import get_img_extensions
     root = Path(root)
     if split not in ("train", "val"):
         raise ValueError(f"image folder split must be 'train' or 'val', got {split!r}")
-    if not (root / split).is_dir():
-        raise FileNotFoundError(f"{root / split} is not a directory; expected ImageNet layout "
+    d = root / split
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is not a directory; expected ImageNet layout "
                                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
-    ds = create_dataset("", root=str(root), split=split)
+    exts = ", ".join(get_img_extensions())
+    try:
+        ds = create_dataset("", root=str(root), split=split)
+    except RuntimeError as e:
+        if "Found 0 images" not in str(e):
+            raise
+        raise ValueError(f"{d} holds no images (timm reads {exts}); expected "
+                         f"{d}/<class>/*.jpg") from None
+    classes = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    if classes is not None:
+        if "" in classes:
+            raise ValueError(f"{d} has images outside class folders; put each class's images "
+                             f"in {d}/<class>/")
+        folders = sorted(p.name for p in d.iterdir() if p.is_dir())
+        empty = [f for f in folders if f not in classes]
+        if empty and set(classes) <= set(folders):  # classes are the top-level folders
+            raise ValueError(f"{d}: class folder(s) {empty[:5]}{'...' if len(empty) > 5 else ''}"
+                             f" hold no images (timm reads {exts})")
     training = split == "train" and augment
     kw = dict(transform_kwargs)
     if training:
         kw.setdefault("hflip", hflip)
     ds.transform = create_transform(img_size, is_training=training, **kw)
     return ds
+
+
+def class_names(ds: Dataset) -> list[str] | None:
+    """The class names of a timm image-folder dataset, in label order (None for others)."""
+    classes = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    return None if classes is None else sorted(classes, key=classes.get)
 
 
 def num_classes(ds: Dataset) -> int:
@@ -145,15 +190,33 @@ def num_classes(ds: Dataset) -> int:
     raise ValueError(f"cannot tell the number of classes of a {type(ds).__name__}")
 
 
+def check_splits(root: str | Path, tr: Dataset, va: Dataset) -> None:
+    """The two splits have the same classes (else labels shift silently: timm numbers each
+    split's folders on its own) and at least two of them."""
+    a, b = class_names(tr), class_names(va)
+    if a is None or b is None:
+        return
+    if a != b:
+        only_tr, only_va = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError(f"{root}: train and val have different classes (only in train: "
+                         f"{only_tr[:5]}{'...' if len(only_tr) > 5 else ''}; only in val: "
+                         f"{only_va[:5]}{'...' if len(only_va) > 5 else ''}); the labels would "
+                         "not match")
+    if len(a) < 2:
+        raise ValueError(f"{root}: one class ({a[0]!r}); classification needs at least two")
+
+
 def datasets(data: str, img_size: int = 32, seed: int = 0,
              augment: bool | dict = False) -> tuple[Dataset, Dataset, int]:
     """``(train, val, num_classes)`` for ``data`` = "digits" or an image-folder path."""
+    check_data(data)
     if data == "digits":
         tr = digits("train", img_size, seed, augment=augment)
         va = digits("val", img_size, seed)
     else:
         tr = image_folder(data, "train", img_size, augment=bool(augment))
         va = image_folder(data, "val", img_size)
+        check_splits(data, tr, va)
     return tr, va, num_classes(tr)
 
 

@@ -222,7 +222,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, lr: flo
         extra_state: dict[str, Any] | None = None, seed: int = 0,
         device: str | torch.device = "cpu", progress: bool = True, warmup_steps: int = 0,
         grad_clip: float | None = None, log=None, distributed: bool | None = None,
-        find_unused_parameters: bool = False) -> list[dict]:
+        find_unused_parameters: bool = False, run: dict | None = None) -> list[dict]:
     """Train ``model`` in place; returns one history row per epoch.
 
     Each row: ``epoch``, ``step``, ``lr``, ``loss`` (mean total loss), ``train_top1``,
@@ -246,6 +246,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, lr: flo
     - ``distributed``: None = when torchrun started several processes or a process group
       exists; the model is wrapped in DDP, only rank 0 prints and writes checkpoints.
     - ``log``: a callable receiving each row, or a path that gets one JSON line per row.
+    - ``run``: the settings that define the run (JSON); recorded in every checkpoint, and a
+      resume from a checkpoint recorded with other settings is refused (the message lists
+      the differences). ``epochs``, ``seed`` and the optimizer settings are always checked.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -295,17 +298,28 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, lr: flo
     step = epoch = batch_in_epoch = 0
     history: list[dict] = []
     sums = _fresh_sums()
+    run = {**(run or {}), "fit": {"epochs": epochs, "seed": seed, "lr": lr,
+                                  "weight_decay": weight_decay, "optimizer": optimizer,
+                                  "warmup_steps": warmup_steps, "grad_clip": grad_clip,
+                                  "amp": amp, "kd_alpha": kd_alpha if teacher is not None else None,
+                                  "kd_temperature": kd_temperature if teacher is not None else None,
+                                  "label_smoothing": label_smoothing}}
     if resume:
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
-            st = load_checkpoint(ckpt)
+            st = load_checkpoint(ckpt, run=run)
             prog = st["progress"]
             if prog["steps_per_epoch"] != steps_per_epoch:
                 raise ValueError(f"cannot resume {ckpt}: it has {prog['steps_per_epoch']} steps "
                                  f"per epoch, this loader {steps_per_epoch} (data or batch size "
                                  f"changed)")
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
+            try:
+                model.load_state_dict(st["model"])
+                opt.load_state_dict(st["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"cannot resume from {ckpt}: it does not fit this model or "
+                                 f"optimizer ({first})") from None
             sched.load_state_dict(st["scheduler"])
             if scaler is not None and st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
@@ -335,7 +349,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, lr: flo
                 "progress": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                              "steps_per_epoch": steps_per_epoch, "epochs": epochs,
                              "seed": seed, "history": history, "sums": sums}}
-            save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints)
+            save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints, run=run)
         dist.barrier()
 
     while epoch < epochs:

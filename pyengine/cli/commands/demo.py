@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEMO['batch']}; synthetic: 8)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="OUT may hold something other "
+                   "than a previous demo: replace it")
     p.add_argument("--synthetic", action="store_true", help="the first demo: a random "
                    "heterogeneous structure on --model (no training)")
     p.add_argument("--model", default="deit_small_patch16_224", help="(--synthetic) timm model")
@@ -40,6 +42,7 @@ def run(a) -> int:
         run_synthetic(a.out, a.model, a.target or 0.5, a.batch or 8, a.repeats or 10, a.seed)
         return 0
     demo_run(a.out, tiny=a.tiny, seed=a.seed, threads=a.threads, progress=a.progress,
+             overwrite=a.overwrite,
              target=a.target, epochs=a.epochs, dense_epochs=a.dense_epochs, finetune=a.finetune,
              batch=a.batch, repeats=a.repeats)
     return 0

@@ -3,9 +3,10 @@
     pyengine prune --model digits_vit --data digits --method hiap --target 0.5 --epochs 10 \\
         --out runs/hiap50
 
-DIR gets the compact model (``pyengine.save``: model.safetensors, config.json, spec.json),
-metrics.json (dense and pruned top-1, MACs, params, target, achieved ratio, times) and
-checkpoints/ (the dense weights and the trainer's checkpoints, for ``--resume``).
+DIR gets the compact model (``pyengine.save``: model.safetensors, config.json, spec.json,
+manifest.json), metrics.json (dense and pruned top-1, MACs, params, target, achieved ratio,
+times) and checkpoints/ (the run's settings, the dense weights and the trainer's checkpoints,
+for ``--resume``). A non-empty DIR is refused unless --overwrite or --resume is given.
 """
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in OUT/checkpoints")
+                   help="continue from the checkpoints in OUT/checkpoints (refused if they were "
+                        "written with other settings)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="OUT may hold a previous run: replace it (its model stays until the "
+                        "new one is written)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                    "available)")
@@ -95,7 +100,7 @@ def job_from_flags(args) -> PruneJob:
         dense_epochs=args.dense_epochs, finetune=args.finetune, finetune_lr=args.finetune_lr,
         budget=dataclass_from_flags(Budget, args),
         training=dataclass_from_flags(Training, args, device=device, checkpoint_dir=None),
-        method_config=dataclass_from_flags(method.Config, args))
+        method_config=dataclass_from_flags(method.Config, args), overwrite=args.overwrite)
 
 
 def run(args) -> int:
