@@ -273,7 +273,8 @@ class Roof:
             "memory": (f"best of a copy and a read at each of {len(ceilings)} footprints, "
                        f"fastest of {n} samples each, interleaved likewise: DRAM "
                        f"{dram / 1e9:.1f} GB/s at {_fmt_bytes(dram_fp)} ("
-                       + ("4x " if dram_footprint == 4 * llc[0] else "set by --copy-mib; ")
+                       + ("4x " if dram_footprint == 4 * llc[0] else
+                          "set by --copy-mib or capped by memory; ")
                        + f"the last-level cache is {_fmt_bytes(llc[0])}: {llc[1]})"
                        + (f"; in-cache ceilings {min(cache) / 1e9:.1f}-{max(cache) / 1e9:.1f}"
                           f" GB/s by footprint ({_fmt_bytes(ceilings[0][0])}-"

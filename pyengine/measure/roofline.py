@@ -56,6 +56,7 @@ The report (``profile()``, ``pyengine profile --json``)::
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -341,7 +342,7 @@ def measure_peaks(device: str | torch.device | None = None, dtype=None,
     dt, why = (parse_dtype(dtype), "given") if dtype is not None else default_dtype(dev)
     sizes = list(gemm_sizes or DEFAULT_GEMM_SIZES[dev.type])
     llc = llc_bytes(dev)
-    top = _dram_footprint(llc[0], copy_mib)
+    top = _dram_footprint(llc[0], copy_mib, dev)
     probes = gemm_probes(sizes, dt, dev) + stream_probes(ladder(list(footprints) or [top],
                                                                 llc[0], top), dev)
     s = measure({p.name: p.fn for p in probes}, warmup, repeats, dev,
@@ -349,12 +350,24 @@ def measure_peaks(device: str | torch.device | None = None, dtype=None,
     return Roof.measured(probes, s.times_ms, _device_name(dev), dt, llc, top, why)
 
 
-def _dram_footprint(llc: int, copy_mib: int | None) -> int:
+def _memory_bytes(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _dram_footprint(llc: int, copy_mib: int | None, dev: torch.device) -> int:
+    """Bytes the DRAM stream touches: ``2 * copy_mib`` MiB, else 4x the last-level cache
+    (capped at an eighth of the device's memory, for a machine whose cache is reported huge)."""
     if copy_mib is not None:
         if copy_mib < 1:
             raise ValueError(f"copy_mib must be a positive number of MiB, got {copy_mib}")
         return 2 * copy_mib * 2 ** 20
-    return 4 * llc
+    mem = _memory_bytes(dev)
+    return min(4 * llc, mem // 8) if mem else 4 * llc
 
 
 def _device_name(dev: torch.device) -> str:
@@ -444,7 +457,7 @@ def profile(models: Mapping[str, nn.Module], batch: int = 64, dtype=None,
     top = 0
     if vendor is None:
         llc = llc_bytes(dev)
-        top = _dram_footprint(llc[0], copy_mib)
+        top = _dram_footprint(llc[0], copy_mib, dev)
         footprints = [r.bytes for _, _, _, c, _ in prepared for r in c.layers]
         probes = (gemm_probes(list(gemm_sizes or DEFAULT_GEMM_SIZES[dev.type]), dt, dev)
                   + layer_probes(prepared, dev)
