@@ -64,8 +64,9 @@ def default_dtype(device: str | torch.device, flags: set[str] | None = None
     bf16 matrix units (Intel AMX: ``amx_bf16`` and ``amx_tile`` flags); otherwise float32.
     ``avx512_bf16`` alone (dot-product instructions, no matrix units) does not count: there
     torch's bf16 GEMMs are no faster than fp32 ones and its bf16 elementwise ops convert
-    through fp32, so nobody deploys bf16 on such a CPU. ``flags``: the CPU flags to decide
-    from (default: :func:`cpu_flags`; tests pass their own).
+    through fp32, so nobody deploys bf16 on such a CPU; Arm CPUs with bf16 instructions get
+    float32 too (pass ``--dtype bf16`` to profile bf16 there). ``flags``: the CPU flags to
+    decide from (default: :func:`cpu_flags`; tests pass their own).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -238,7 +239,8 @@ class Roof:
     @classmethod
     def measured(cls, probes: Sequence[Probe], times_ms: dict[str, Sequence[float]],
                  device: str, dtype: torch.dtype, llc: tuple[int, str], dram_footprint: int,
-                 dtype_why: str = "") -> "Roof":
+                 dtype_why: str = "",
+                 context: str = "interleaved with the profiled forward passes") -> "Roof":
         """The roof from the probes' samples (``times_ms[probe.name]``, ms per call): the best
         (fastest) sample of each probe; compute = max over the compute probes, each
         footprint's ceiling = max of its copy and read."""
@@ -268,10 +270,10 @@ class Roof:
             "dtype": f"{dtype_name(dtype)}" + (f" ({dtype_why})" if dtype_why else ""),
             "compute": (f"best of {len(comp)} GEMMs at {dtype_name(dtype)} ({n_sq} square, "
                         f"{len(comp) - n_sq} of the models' own layer shapes), fastest of "
-                        f"{n} samples each after warm-up, interleaved with the profiled "
-                        f"forward passes: {_rate(top['rate'])} ({top['name']})"),
+                        f"{n} samples each after warm-up, {context}: {_rate(top['rate'])} "
+                        f"({top['name']})"),
             "memory": (f"best of a copy and a read at each of {len(ceilings)} footprints, "
-                       f"fastest of {n} samples each, interleaved likewise: DRAM "
+                       f"fastest of {n} samples each, likewise: DRAM "
                        f"{dram / 1e9:.1f} GB/s at {_fmt_bytes(dram_fp)} ("
                        + ("4x " if dram_footprint == 4 * llc[0] else
                           "set by --copy-mib or capped by memory; ")

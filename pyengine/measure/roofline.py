@@ -19,7 +19,10 @@ architecture adapter); nothing here knows a family. A row is timed by name:
 Time comes from the one harness (:mod:`pyengine.measure.timing`): forward hooks put a pair of
 :class:`~pyengine.measure.timing.Clock` marks (CUDA events on a GPU, ``perf_counter`` on the
 CPU) around each module, over ``repeats`` forward passes that :func:`~pyengine.measure.timing
-.measure` takes after warm-up. A row's time is its median over the passes.
+.measure` takes after warm-up. A row's time is its median over the passes. On a GPU the events
+are recorded in stream order around each module, so a layer's time is GPU time; at small
+batches eager launches can leave the GPU waiting, and that wait lands in the layer (or in
+``other``), never making a layer look faster than it is.
 
 The roof (:mod:`pyengine.measure.roof`) is an upper bound measured in the same
 :func:`~pyengine.measure.timing.measure` call, its probes interleaved with the forward passes
@@ -347,7 +350,8 @@ def measure_peaks(device: str | torch.device | None = None, dtype=None,
                                                                 llc[0], top), dev)
     s = measure({p.name: p.fn for p in probes}, warmup, repeats, dev,
                 min_sample_ms=_min_sample_ms(dev))
-    return Roof.measured(probes, s.times_ms, _device_name(dev), dt, llc, top, why)
+    return Roof.measured(probes, s.times_ms, _device_name(dev), dt, llc, top, why,
+                         context="on their own (no model)")
 
 
 def _memory_bytes(dev: torch.device) -> int:
