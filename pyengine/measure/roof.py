@@ -219,8 +219,8 @@ class Roof:
     ``[(bytes touched, bytes/s)]`` measured at those footprints, over the floor
     ``dram_bytes_per_s`` (the stream beyond the last-level cache, at ``dram_footprint``). A
     layer moving ``B`` bytes is bounded by :meth:`bandwidth` ``(B)``: the best ceiling at
-    footprints in ``(B/4, B]`` (the cache level its data fits in, with one more step of
-    margin), never below DRAM's."""
+    footprints above ``B/4`` (the cache level its data fits in, with one more step of
+    margin, or any larger footprint), never below DRAM's."""
 
     device: str
     dtype: str
@@ -278,7 +278,7 @@ class Roof:
                        + ("4x " if dram_footprint == 4 * llc[0] else
                           "set by --copy-mib or capped by memory; ")
                        + f"the last-level cache is {_fmt_bytes(llc[0])}: {llc[1]})"
-                       + (f"; in-cache ceilings {min(cache) / 1e9:.1f}-{max(cache) / 1e9:.1f}"
+                       + (f"; in-cache ceilings {min(cache) / 1e9:.3g}-{max(cache) / 1e9:.3g}"
                           f" GB/s by footprint ({_fmt_bytes(ceilings[0][0])}-"
                           f"{_fmt_bytes(max(f for f, _ in ceilings if f < dram_fp))})"
                           if cache else "")),
@@ -307,12 +307,10 @@ class Roof:
     # ---- reading --------------------------------------------------------------------------
     def bandwidth(self, nbytes: float) -> float:
         """The memory roof (bytes/s) of a layer that touches ``nbytes``: the best ceiling at
-        footprints in ``(nbytes/4, nbytes]`` (the smallest probed one for a footprint below
-        every probe), at least the DRAM figure."""
-        inside = [bw for f, bw in self.ceilings if nbytes / 4 < f <= nbytes]
-        if not inside and self.ceilings and nbytes < min(self.ceilings)[0]:
-            inside = [min(self.ceilings)[1]]
-        return max([self.dram_bytes_per_s] + inside)
+        any footprint above ``nbytes / 4``, at least the DRAM figure. Larger footprints count
+        too: a stream that fits a smaller footprint is never truly slower than a larger one, so
+        one unlucky probe (preempted in every sample) cannot pull a layer's roof down."""
+        return max([self.dram_bytes_per_s] + [bw for f, bw in self.ceilings if f > nbytes / 4])
 
     def time_s(self, flops: float, nbytes: float) -> float:
         """The roofline lower bound of a layer: ``max(flops / compute, bytes / bandwidth)``."""

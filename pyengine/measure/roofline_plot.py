@@ -105,14 +105,11 @@ def plot(report: dict[str, Any], path) -> None:
         flo, fhi = min(fps + [f for f, _ in ceilings]) / 2, max(fps) * 1.5
         g = [flo * (fhi / flo) ** (k / 300) for k in range(301)]
 
-        def bw_at(b):
-            inside = [bw for f, bw in ceilings if b / 4 < f <= b]
-            if not inside and ceilings and b < min(ceilings)[0]:
-                inside = [min(ceilings)[1]]
-            return max([dram] + inside)
+        def bw_at(b):  # Roof.bandwidth
+            return max([dram] + [bw for f, bw in ceilings if f > b / 4])
 
         mx.plot(g, [bw_at(b) / 1e9 for b in g], "k-", lw=1.6,
-                label="memory roof at the footprint (best copy/read in (B/4, B])")
+                label="memory roof at footprint B (best copy/read above B/4)")
     mx.scatter([f for f, _ in ceilings], [bw / 1e9 for _, bw in ceilings], marker="x",
                color="k", s=18, label="stream probes (best sample)")
     mx.axhline(dram / 1e9, color="k", ls=":", lw=1.0,
