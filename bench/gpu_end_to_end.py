@@ -9,8 +9,8 @@
 2. times all four at batch 1, 8, 64, 256 in eager mode and with CUDA graphs (and with
    torch.compile if --compile), CUDA events, warm-up, median and IQR;
    then the compact model alone on each attention backend (torch, triton, cuda) vs dense;
-3. measures the copy bandwidth and GEMM rate, profiles dense vs compact per layer at
-   batch 64 and draws the roofline;
+3. profiles dense vs compact per layer at batch 64 under a roof measured interleaved
+   with them (pyengine.measure.roofline) and draws the roofline;
 4. writes <out>/<gpu>-<date>.json (env, every result, profile, summary against the issue's
    targets), <gpu>-<date>.log (everything printed) and the plots <gpu>-<date>-speedup.png,
    <gpu>-<date>-roofline.png.
@@ -205,8 +205,11 @@ def main(argv=None) -> int:
                    help="attention backends also timed for the compact model alone (vs dense); "
                         "empty to skip")
     p.add_argument("--profile-batch", type=int, default=64)
-    p.add_argument("--copy-mib", type=int, default=None, help="peak bandwidth microbenchmark size")
-    p.add_argument("--gemm-n", type=int, default=None, help="peak GEMM microbenchmark size")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="source MiB of the roof's DRAM stream (default: twice the L2)")
+    p.add_argument("--gemm-n", type=int, default=None,
+                   help="one square GEMM size for the roof (default 2048,4096,8192; the "
+                        "models' layer shapes are always added)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="skip (and record) stages that would start after this many seconds")
     p.add_argument("--out", default="bench/results/gpu")
@@ -322,7 +325,8 @@ def main(argv=None) -> int:
         models = {k: v.models[k] for k in ("dense", "compact") if k in v.models}
         prof = stage("profile", lambda: profile(models, batch=a.profile_batch, dtype=a.dtype,
                                                 device=dev, model_name=v.model,
-                                                copy_mib=a.copy_mib, gemm_n=a.gemm_n))
+                                                copy_mib=a.copy_mib,
+                                                gemm_sizes=[a.gemm_n] if a.gemm_n else None))
         if prof is not None:
             print(format_profile(prof, max_rows=30), flush=True)
             plot(prof, paths["roofline_png"])
