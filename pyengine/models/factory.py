@@ -20,7 +20,8 @@ __all__ = ["create_model", "load_model", "model_name", "img_size_is_input"]
 
 # timm families whose constructors take no img_size: any input size runs, and pyengine keeps
 # the size as the cost model's input (model.pyengine_img_size)
-_SIZE_FREE_MODULES = ("timm.models.resnet",)
+_SIZE_FREE_MODULES = ("timm.models.resnet", "timm.models.convnext", "timm.models.efficientnet",
+                      "timm.models.mobilenetv3", "timm.models.regnet")
 
 
 def img_size_is_input(name: str) -> bool:
