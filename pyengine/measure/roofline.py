@@ -179,8 +179,8 @@ def profile_model(model: nn.Module, batch: int, dtype, device: torch.device, pea
     dt = parse_dtype(dtype)
     model = model.to(device=device, dtype=dt).eval()
     c = cost(model, batch=batch, dtype=dt, device=peaks)
-    pe = model.patch_embed
-    x = torch.randn(batch, pe.proj.in_channels, *pe.img_size, device=device, dtype=dt)
+    from pyengine.measure.bench import _image_shape
+    x = torch.randn(batch, *_image_shape(model), device=device, dtype=dt)
     names = [r.name for r in c.layers]
     stats, total_st, other_st = layer_stats(model, x, names, warmup, repeats)
     total, other = total_st["median_ms"], other_st["median_ms"]

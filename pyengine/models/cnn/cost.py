@@ -112,8 +112,14 @@ def cost_rows(adapter, model_or_spec: Any, row, batch: int, attention: str = "fu
     finally:
         for h in handles:
             h.remove()
-    # hooks fire in completion order (a block after its insides): order rows by module order
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    row.rows.sort(key=lambda r: order.get(r.name.removesuffix(".add"), 0)
-                  + (0.5 if r.name.endswith(".add") else 0))
+    # hooks fire in completion order (a block after its insides): order rows by module order,
+    # a block's residual add after its last layer
+    order, last = {}, {}
+    for i, (n, _) in enumerate(model.named_modules()):
+        order[n] = i
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            last[".".join(parts[:k])] = i
+    row.rows.sort(key=lambda r: last.get(r.name[:-4], 0) + 0.5 if r.name.endswith(".add")
+                  else order.get(r.name, 0))
     return "n/a"
