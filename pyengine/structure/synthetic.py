@@ -76,10 +76,8 @@ def random_channels_spec(gated, target: float, seed: int = 0, multiple: int = 8)
     from pyengine.structure.solver import allocate
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must be a MAC fraction in (0, 1], got {target}")
-    g = geometry(gated)
-    unit = max([getattr(b, "group", 1) for b in getattr(g, "blocks", ())] or [1])
-    return allocate(score(gated, "random", seed=seed), g, target, mode="global",
-                    granularity="channel", round_to=max(1, multiple // unit),
+    return allocate(score(gated, "random", seed=seed), geometry(gated), target, mode="global",
+                    granularity="channel", round_to=multiple,
                     model=model_name(gated),
                     meta={"made_by": "pyengine.synthetic.random_channels_spec",
                           "target": target, "seed": seed, "multiple": multiple})

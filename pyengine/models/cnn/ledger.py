@@ -108,10 +108,19 @@ def _units_to_channels(units, group: int) -> list[int]:
     return [u * group + j for u in units for j in range(group)]
 
 
+def unit_step(round_to: int | None, group: int) -> int:
+    """Units per step so that kept channels (``group`` per unit) are multiples of
+    ``round_to`` channels: a RegNet group of 8 channels is one step of ``round_to=8``."""
+    r = int(round_to) if round_to else 1
+    return r // math.gcd(r, group)
+
+
 class SlotLedger:
     """The solver's ledger (see :mod:`pyengine.structure.solver`): kept units per block (None:
     the residual branch is removed). Granularity ``"channel"`` ranks the slots' units (a kept
-    block keeps at least one chunk), ``"block"`` whole residual branches (global mode only)."""
+    block keeps at least one chunk), ``"block"`` whole residual branches (global mode only).
+    ``round_to`` counts channels: a block whose unit is a group of channels moves in as many
+    whole groups as make a multiple of it."""
 
     granularities = ("channel", "block")
     min_heads = 0
@@ -154,7 +163,7 @@ class SlotLedger:
             for slot in sorted({self.g.blocks[i].slot for i in slotted}):
                 ids = [i for i in slotted if self.g.blocks[i].slot == slot]
                 for i, v in zip(ids, norm([scores[i].channels[slot] for i in ids])):
-                    for c in chunks(order(v), r):
+                    for c in chunks(order(v), unit_step(r, self.g.blocks[i].group)):
                         out.append((float(v[c].mean()), (i, c)))
         else:
             ids = [i for i, b in enumerate(self.g.blocks) if b.removable]
@@ -190,8 +199,9 @@ class SlotLedger:
                 for i, b in enumerate(self.g.blocks)]
 
         def build(p: float) -> None:
-            self.kept = [sorted(best[i][:keep(b.units, p, r, min(r, b.units))]) if b.slot
-                         else [] for i, b in enumerate(self.g.blocks)]
+            steps = [unit_step(r, b.group) for b in self.g.blocks]
+            self.kept = [sorted(best[i][:keep(b.units, p, s, min(s, b.units))]) if b.slot
+                         else [] for i, (b, s) in enumerate(zip(self.g.blocks, steps))]
         return build
 
     def spec(self, meta: dict) -> BlockSpec:
@@ -266,48 +276,88 @@ def expected_macs(adapter, model, probs: Sequence[Mapping[str, torch.Tensor]],
     return batch * (total + float(fixed))
 
 
-class _Block:
-    """One block during projection: kept or not, kept unit count; units in logit order."""
+class ProjectedBlock:
+    """One block during HiAP's projection: kept or not, and a kept count per slot (a slot's
+    units kept in logit order). ``cost(keep, counts)`` gives the block's MACs."""
 
-    def __init__(self, i: int, b, t: MacTable, logits: Mapping | None, allowed: list[int],
-                 threshold: float):
-        self.i, self.b, self.t = i, b, t
-        sig = torch.sigmoid
-        self.pb = float(sig(logits["block"].double())) if b.removable else 1.0
-        self.keep = (not b.removable) or bool(logits["block"] > threshold)
-        self.allowed = allowed
-        if b.slot:
-            u = logits[b.slot].detach().double().cpu()
-            self.order = torch.argsort(u, descending=True, stable=True).tolist()
-            p = torch.sort(sig(u), descending=True).values * self.pb
-            self.cum = torch.cat([torch.zeros(1, dtype=torch.float64), p.cumsum(0)]).tolist()
+    def __init__(self, removable: bool, block_logit, slots, cost, threshold: float = 0.0):
+        self.removable, self.cost = removable, cost
+        self.pb = float(torch.sigmoid(block_logit.detach().double())) if removable else 1.0
+        self.keep = (not removable) or bool(block_logit > threshold)
+        self.order, self.cum, self.k, self.allowed = [], [], [], []
+        for logits, allowed in slots:  # (logits [units], allowed kept counts)
+            u = logits.detach().double().cpu()
+            self.order.append(torch.argsort(u, descending=True, stable=True).tolist())
+            p = torch.sort(torch.sigmoid(u), descending=True).values * self.pb
+            self.cum.append(torch.cat([torch.zeros(1, dtype=torch.float64),
+                                       p.cumsum(0)]).tolist())
             k = int((u > threshold).sum())
-            if k == 0 and b.removable:
-                self.keep = False
-            self.k = min(allowed, key=lambda a: (abs(a - k), -a))
-        else:
-            self.order, self.cum, self.k = [], [0.0], 0
+            if k == 0 and removable:
+                self.keep = False  # the hard gates' semantics: an empty slot removes the block
+            self.k.append(min(allowed, key=lambda a: (abs(a - k), -a)))
+            self.allowed.append(allowed)
 
     def macs(self) -> int:
-        return self.t.block(self.i, self.keep, self.k)
+        return self.cost(self.keep, self.k)
 
     def moves(self, remove: bool):
-        """(score, MAC change, apply) of each single step of this block."""
+        """(score, MAC change, apply) of each single step: a slot's next allowed count (scored
+        by the mean effective keep probability of the units it moves), or the whole block."""
         now = self.macs()
-        if self.keep and self.b.slot:
-            j = self.allowed.index(self.k) + (-1 if remove else 1)
-            if 0 <= j < len(self.allowed):
-                k2 = self.allowed[j]
-                lo, hi = sorted((self.k, k2))
-                score = (self.cum[hi] - self.cum[lo]) / (hi - lo)
-                yield score, self.t.block(self.i, True, k2) - now, \
-                    (lambda k2=k2: setattr(self, "k", k2))
-        if self.b.removable and self.keep == remove:
-            other = self.t.block(self.i, not self.keep, self.k)
-            yield self.pb, other - now, (lambda v=not self.keep: setattr(self, "keep", v))
+        if self.keep:
+            for j, (k, allowed, cum) in enumerate(zip(self.k, self.allowed, self.cum)):
+                i = allowed.index(k) + (-1 if remove else 1)
+                if 0 <= i < len(allowed):
+                    k2 = allowed[i]
+                    lo, hi = sorted((k, k2))
+                    ks = list(self.k)
+                    ks[j] = k2
+                    yield (cum[hi] - cum[lo]) / (hi - lo), self.cost(True, ks) - now, \
+                        (lambda j=j, k2=k2: self.k.__setitem__(j, k2))
+        if self.removable and self.keep == remove:
+            yield self.pb, self.cost(not self.keep, self.k) - now, \
+                (lambda v=not self.keep: setattr(self, "keep", v))
 
-    def kept(self) -> tuple[bool, list[int]]:
-        return self.keep, sorted(self.order[:self.k])
+    def kept(self) -> tuple[bool, list[list[int]]]:
+        return self.keep, [sorted(o[:k]) for o, k in zip(self.order, self.k)]
+
+
+def project_blocks(blocks: Sequence[ProjectedBlock], fixed: int, dense: int, target: float,
+                   tolerance: float) -> int:
+    """Move ``blocks`` (in place) until ``fixed`` + their MACs are within ``target * dense *
+    (1 +- tolerance)``: while outside, take the step with the lowest mean effective keep
+    probability that does not leave the band on the far side (or, if none, the one landing
+    closest to the goal), or add the highest one. Returns the MACs reached."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a fraction of dense MACs in (0, 1], got {target!r}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    goal = target * dense
+    lo, hi = goal * (1 - tolerance), goal * (1 + tolerance)
+    per = [blk.macs() for blk in blocks]
+    macs = fixed + sum(per)
+    while not lo <= macs <= hi:
+        remove = macs > hi
+        pick = closest = None
+        for n, blk in enumerate(blocks):
+            for score, delta, do in blk.moves(remove):
+                if (delta >= 0) if remove else (delta <= 0):
+                    continue
+                new = macs + delta
+                key = score if remove else -score
+                if (new >= lo if remove else new <= hi) and (pick is None or key < pick[0]):
+                    pick = (key, n, do)
+                if closest is None or abs(new - goal) < closest[0]:
+                    closest = (abs(new - goal), n, do)
+        if pick is None:
+            if closest is None or closest[0] >= abs(macs - goal):
+                break  # nothing brings it closer: the constraints do not allow the target
+            pick = closest
+        _, n, do = pick
+        do()
+        per[n] = blocks[n].macs()
+        macs = fixed + sum(per)
+    return macs
 
 
 def project(adapter, model, scores: Sequence[Mapping[str, torch.Tensor]], target: float,
@@ -316,19 +366,13 @@ def project(adapter, model, scores: Sequence[Mapping[str, torch.Tensor]], target
     """HiAP's final structure of a gated model from per-gate-set logit-like ``scores``
     (``gate_sets`` order; ``sigmoid(score)`` read as a keep probability), applied to ``model``.
 
-    Start: units and blocks with score > ``threshold``, unit counts rounded to multiples of
-    ``round_to`` (in units; a slot's full width is always allowed). Then, while the MACs are
-    outside ``target * dense * (1 +- tolerance)``, take the step (``round_to`` units of one
-    block, or one whole residual branch) with the lowest mean effective keep probability
-    (``p_block * p_unit``) that does not leave the band on the far side (or, if none, the one
-    landing closest to the goal), or add the highest one."""
+    Start: units and blocks with score > ``threshold``, kept channels rounded to multiples of
+    ``round_to`` (whole groups where a unit is a group; a slot's full width is always
+    allowed), then :func:`project_blocks` (steps of one allowed count of a block's units, or
+    a whole residual branch; effective keep probability ``p_block * p_unit``)."""
     from pyengine import api
     from pyengine.models import model_name
     from pyengine.structure.solver import allowed_counts
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"target must be a fraction of dense MACs in (0, 1], got {target!r}")
-    if not 0.0 <= tolerance < 1.0:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     g = adapter.geometry(model)
     name = model_name(model)
     t = mac_table(adapter, g, name)
@@ -336,43 +380,25 @@ def project(adapter, model, scores: Sequence[Mapping[str, torch.Tensor]], target
     if len(scores) != len(ids):
         raise ValueError(f"scores for {len(scores)} gate sets, the model has {len(ids)}")
     by_block = dict(zip(ids, scores))
-    blocks: list[_Block | None] = []
+    blocks: dict[int, ProjectedBlock] = {}
     for i, b in enumerate(g.blocks):
-        if i not in by_block:
-            blocks.append(None)
-            continue
-        allowed = allowed_counts(b.units, round_to, 1, allow_zero=False) if b.slot else [0]
-        blocks.append(_Block(i, b, t, by_block[i], allowed, threshold))
-    live = [blk for blk in blocks if blk is not None]
+        if i in by_block:
+            sc = by_block[i]
+            slots = [(sc[b.slot], allowed_counts(b.units, unit_step(round_to, b.group), 1,
+                                                 allow_zero=False))] if b.slot else []
+            blocks[i] = ProjectedBlock(b.removable, sc.get("block"), slots,
+                                       lambda keep, ks, i=i: t.block(i, keep, ks[0] if ks else 0),
+                                       threshold)
     fixed = t.fixed + sum(t.block(i, True, b.units) for i, b in enumerate(g.blocks)
-                          if blocks[i] is None)
-    goal = target * t.dense
-    lo, hi = goal * (1 - tolerance), goal * (1 + tolerance)
-    per = {blk.i: blk.macs() for blk in live}
-    macs = fixed + sum(per.values())
-    while not lo <= macs <= hi:
-        remove = macs > hi
-        pick = closest = None
-        for blk in live:
-            for score, delta, do in blk.moves(remove):
-                if (delta >= 0) if remove else (delta <= 0):
-                    continue
-                new = macs + delta
-                key = score if remove else -score
-                if (new >= lo if remove else new <= hi) and (pick is None or key < pick[0]):
-                    pick = (key, blk, do)
-                if closest is None or abs(new - goal) < closest[0]:
-                    closest = (abs(new - goal), blk, do)
-        if pick is None:
-            if closest is None or closest[0] >= abs(macs - goal):
-                break  # nothing brings it closer: the constraints do not allow the target
-            pick = closest
-        _, blk, do = pick
-        do()
-        per[blk.i] = blk.macs()
-        macs = fixed + sum(per.values())
-    kept = [blk.kept() if blk is not None else (True, list(range(b.units)))
-            for blk, b in zip(blocks, g.blocks)]
+                          if i not in blocks)
+    macs = project_blocks(list(blocks.values()), fixed, t.dense, target, tolerance)
+    kept = []
+    for i, b in enumerate(g.blocks):
+        if i in blocks:
+            keep, units = blocks[i].kept()
+            kept.append((keep, units[0] if units else []))
+        else:
+            kept.append((True, list(range(b.units))))
     s = _spec(adapter.spec_type, g, name, kept,
               {"made_by": "hiap.project", "target": target, "tolerance": tolerance})
     from pyengine.cost import cost
