@@ -118,6 +118,8 @@ def test_save_load_round_trip_exact(tmp_path, monkeypatch, name):
     compact = pyengine.compile(model).eval()
     pyengine.save(compact, tmp_path)
     assert json.loads((tmp_path / "spec.json").read_text())["family"] == FAMILIES[name]
+    # the input size the cost model assumes travels with the model (and its dense twin)
+    assert json.loads((tmp_path / "config.json").read_text())["kwargs"]["img_size"] == IMG
 
     def no_pickle(*a, **k):
         raise AssertionError("pyengine.load must not unpickle anything")

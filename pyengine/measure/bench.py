@@ -155,6 +155,9 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
         compact = load(path).eval()
         cfg = json.loads((path / CONFIG).read_text())
         dense = create_model(cfg["architecture"], **cfg["kwargs"]).eval()
+        size = getattr(getattr(compact.pyengine_spec, "dense", None), "img_size", 0)
+        if size and not hasattr(dense, "patch_embed"):  # a CNN: time both at the spec's size
+            dense.pyengine_img_size = size
         return cfg["architecture"], dense, compact
     if os.sep in model or path.suffix in (".json", ".safetensors"):
         raise FileNotFoundError(f"{model} is neither a directory nor a timm model name")

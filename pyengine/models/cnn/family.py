@@ -201,7 +201,7 @@ class Family:
         infos = self.infos(model)
         cfg = getattr(model, "pyengine_config", None) or {}
         kwargs = {k: v for k, v in (cfg.get("kwargs") or {}).items()
-                  if k not in ("num_classes", "in_chans")}
+                  if k not in ("num_classes", "in_chans", "img_size")}
         return geometry_type(layers=tuple(len(st) for st in self.stages(model)),
                              blocks=tuple(infos), in_chans=self.in_chans(model),
                              num_classes=model.num_classes, img_size=model_img_size(model),
