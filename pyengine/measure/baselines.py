@@ -211,3 +211,78 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 __all__ = ["torch_pruning_available", "torch_pruning_model", "uniform_spec", "uniform_widths",
            "matching_target", "describe"]
+
+
+# --------------------------------------------------------------------------------------
+# CNNs (ConvNeXt, EfficientNet / MobileNetV3, RegNet, ResNet): Torch-Pruning as its README
+# shows it, at the compact model's MACs
+# --------------------------------------------------------------------------------------
+
+def _tp_cnn(dense: nn.Module, ratio: float, example_input: torch.Tensor, multiple: int):
+    """A Torch-Pruning copy of ``dense`` with one channel pruning ratio for every layer."""
+    import warnings
+
+    import torch_pruning as tp
+    model = copy.deepcopy(dense)
+    for attr in ("pyengine_config", "pyengine_spec"):
+        model.__dict__.pop(attr, None)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [classifier] if isinstance(classifier, nn.Module) else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvNeXt's layer scales: "unwrapped parameters"
+        pruner = tp.pruner.MetaPruner(
+            model, example_input, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio, ignored_layers=ignored, round_to=multiple or None)
+        pruner.step()
+    return model
+
+
+def torch_pruning_cnn_model(dense: nn.Module, target: float, multiple: int = 8,
+                            example_input: torch.Tensor | None = None, steps: int = 14
+                            ) -> nn.Module:
+    """Torch-Pruning's ``MetaPruner`` on a timm CNN as its README uses it (L2 group magnitude
+    importance, one channel pruning ratio for every prunable layer, the classifier left
+    alone, channels rounded to ``multiple``), at the pruning ratio whose MACs come closest to
+    ``target`` x the dense MACs (bisection over ``steps`` ratios; MACs as FlopCounterMode
+    counts them). Unlike pyengine's specs, Torch-Pruning also narrows the residual streams
+    (stage widths) and the squeeze-excite layers. ``dense`` is not modified; the result carries
+    ``pyengine_baseline`` (how it was made)."""
+    ok, why = torch_pruning_available()
+    if not ok:
+        raise ImportError(why)
+    import torch_pruning as tp
+
+    from pyengine.cost import count_flops
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a MAC fraction in (0, 1], got {target}")
+    if example_input is None:
+        from pyengine.measure.bench import _image_shape
+        p = next(dense.parameters())
+        example_input = torch.randn(1, *_image_shape(dense), device=p.device, dtype=p.dtype)
+    was_training = dense.training
+    dense.eval()
+    base = count_flops(dense, example_input)
+    best = None
+    lo, hi = 0.0, 0.99
+    try:
+        for _ in range(steps):
+            r = (lo + hi) / 2
+            m = _tp_cnn(dense, r, example_input, multiple)
+            got = count_flops(m.eval(), example_input) / base
+            if best is None or abs(got - target) < abs(best[1] - target):
+                best = (r, got, m)
+            if abs(got - target) <= 0.002:
+                break
+            lo, hi = (r, hi) if got > target else (lo, r)
+    finally:
+        dense.train(was_training)
+    r, got, model = best
+    model.pyengine_baseline = {"method": "torch-pruning", "torch_pruning": tp.__version__,
+                               "pruner": "MetaPruner",
+                               "importance": "GroupMagnitudeImportance(p=2)",
+                               "pruning_ratio": r, "round_to": multiple, "target": target,
+                               "macs_ratio": got}
+    return model
+
+
+__all__ += ["torch_pruning_cnn_model"]

@@ -111,8 +111,20 @@ class Variants:
 
 
 def _image_shape(model: nn.Module) -> tuple[int, int, int]:
-    pe = model.patch_embed
-    return (pe.proj.in_channels, *pe.img_size)
+    """(channels, height, width) of the model's input: a ViT's patch embedding, a CNN's
+    geometry (its input size as the cost model takes it; 224 if unknown)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None:
+        return (pe.proj.in_channels, *pe.img_size)
+    from pyengine.models import geometry
+    g = geometry(model)
+    size = getattr(g, "img_size", 0) or 224
+    return (g.in_chans, size, size)
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from pyengine.structure.spec import Spec
+    return isinstance(getattr(model, "pyengine_spec", None), Spec) or hasattr(model, "patch_embed")
 
 
 def load_models(model: str, spec: str | None = None, target: float | None = None,
@@ -123,12 +135,13 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
     A DIR gives the compact model and names its dense architecture (rebuilt with random
     weights: timing does not depend on them). A name gives the dense model; ``spec`` (a
     spec.json) or ``target`` (a MAC fraction: a random heterogeneous structure from
-    :func:`pyengine.synthetic.heterogeneous_spec`) builds the compact one.
+    :func:`pyengine.synthetic.heterogeneous_spec`, or for a CNN
+    :func:`pyengine.synthetic.random_channels_spec`) builds the compact one.
     """
     from pyengine import api
-    from pyengine.structure.synthetic import heterogeneous_spec
+    from pyengine.models import geometry
     from pyengine.models.factory import create_model
-    from pyengine.models.vit.adapter import geometry
+    from pyengine.structure.synthetic import heterogeneous_spec, random_channels_spec
 
     path = Path(model)
     if path.is_dir():
@@ -142,6 +155,9 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
         compact = load(path).eval()
         cfg = json.loads((path / CONFIG).read_text())
         dense = create_model(cfg["architecture"], **cfg["kwargs"]).eval()
+        size = getattr(getattr(compact.pyengine_spec, "dense", None), "img_size", 0)
+        if size and not hasattr(dense, "patch_embed"):  # a CNN: time both at the spec's size
+            dense.pyengine_img_size = size
         return cfg["architecture"], dense, compact
     if os.sep in model or path.suffix in (".json", ".safetensors"):
         raise FileNotFoundError(f"{model} is neither a directory nor a timm model name")
@@ -161,8 +177,10 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
     if spec is not None:
         from pyengine.structure.spec import Spec
         s = Spec.load(spec)
-    else:
+    elif hasattr(gated, "patch_embed"):
         s = heterogeneous_spec(geometry(gated), float(target), seed=seed, model=name)
+    else:  # a CNN: random kept channels (multiples of 8) at the target
+        s = random_channels_spec(gated, float(target), seed=seed)
     api.apply(gated, s)
     return name, dense, api.compile(gated).eval()
 
@@ -177,7 +195,8 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
     a variant that cannot be built here (Torch-Pruning not installed) is recorded in
     ``skipped`` with the reason instead of failing the whole bench.
     """
-    from pyengine.measure.baselines import torch_pruning_available, torch_pruning_model
+    from pyengine.measure.baselines import (torch_pruning_available, torch_pruning_cnn_model,
+                                            torch_pruning_model)
     from pyengine.cost import cost
     from pyengine.models.vit.padded import pad_heads
 
@@ -193,11 +212,16 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
     if compact is not None:
         v.models["compact"] = compact
         s = compact.pyengine_spec
+        vit = _is_vit(compact)
         v.info["spec_shapes"] = [{"heads": [[len(h.qk), len(h.v)] for h in b.heads],
-                                  "mlp": len(b.mlp)} for b in s.blocks]
+                                  "mlp": len(b.mlp)} if vit else
+                                 {"keep": b.keep, **{n: len(i) for n, i in b.channels}}
+                                 for b in s.blocks]
         v.info["compact_macs_ratio"] = cost(compact).macs / cost(dense).macs
         v.info["spec_meta"] = dict(s.meta)  # e.g. how a synthetic structure was made (seed)
-    if "padded" in compare:
+    if "padded" in compare and not _is_vit(compact):
+        v.skipped["padded"] = "padded heads are a ViT variant (this model has no heads)"
+    elif "padded" in compare:
         show("building padded-heads model")
         v.models["padded"] = pad_heads(compact, multiple=1)
     if "torch-pruning" in compare:
@@ -207,7 +231,8 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
         else:
             show("building Torch-Pruning model")
             try:
-                peer = torch_pruning_model(dense, v.info["compact_macs_ratio"], multiple=multiple)
+                make = torch_pruning_model if _is_vit(dense) else torch_pruning_cnn_model
+                peer = make(dense, v.info["compact_macs_ratio"], multiple=multiple)
                 v.models["torch-pruning"] = peer
                 v.info["torch_pruning"] = dict(peer.pyengine_baseline)
             except Exception as e:  # a peer's failure is a result, not a crash of ours

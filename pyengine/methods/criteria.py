@@ -110,10 +110,12 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 8, device="cpu"
         keep(i, key, o)
         return o.clone()
 
-    handles, keys = [], []
+    handles, keys, moves = [], [], []
+    default_last = getattr(units, "channels_last", False)
     for i in range(nblocks):
         for h in units.hooks(i):
             keys.append((i, h.key))
+            moves.append(default_last if h.channels_last is None else h.channels_last)
             if h.where == "input":
                 handles.append(h.module.register_forward_pre_hook(
                     lambda m, a, i=i, k=h.key: keep(i, k, a[0])))
@@ -124,8 +126,8 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 8, device="cpu"
                 handles.append(h.module.register_forward_hook(
                     lambda m, a, o, i=i, k=h.key: branch(i, k, o)))
     # channels last (conv feature maps are [B, C, H, W]): the op reduces leading dims
-    last = (lambda t: t.movedim(1, -1)) if getattr(units, "channels_last", False) \
-        else (lambda t: t)  # noqa: E731
+    def last(t, move):
+        return t.movedim(1, -1) if move else t
     acc: dict[tuple[int, str], torch.Tensor] = {}
     samples = done = 0
     total_loss = 0.0
@@ -153,8 +155,9 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 8, device="cpu"
             if missing:
                 raise RuntimeError(f"calibrate: hooks did not see {missing[:3]}...; is every "
                                    "block run in the forward?")
-            xs = [last(captured[k][0]) for k in keys]
-            gs = [None if captured[k][1] is None else last(captured[k][1]) for k in keys]
+            xs = [last(captured[k][0], mv) for k, mv in zip(keys, moves)]
+            gs = [None if captured[k][1] is None else last(captured[k][1], mv)
+                  for k, mv in zip(keys, moves)]
             # one launch for every hooked tensor of every block
             red = importance_reduce_many(xs, gs, backend=backend)
             for k, r in zip(keys, red):
@@ -242,6 +245,16 @@ class WeightCriterion(Criterion):
         x = b.stats[view.input_key][1].sqrt()
         return x.repeat_interleave(view.repeat) if view.repeat > 1 else x
 
+    def _grouped(self, W, xnorm, G, groups: int) -> torch.Tensor:
+        """Elements of a layer; a grouped conv is ``groups`` layers, each reading its own
+        input channels (a column's norm is that of its group's input channel)."""
+        if groups == 1:
+            return self.elements(W, xnorm, G)
+        rows, cols = W.shape[0] // groups, W.shape[1]
+        return torch.cat([self.elements(
+            W[k * rows:(k + 1) * rows], None if xnorm is None else xnorm[k * cols:(k + 1) * cols],
+            None if G is None else G[k * rows:(k + 1) * rows]) for k in range(groups)])
+
     def block(self, b: _Block) -> dict:
         rows, cols, total = {}, {}, {}
         for name, view in b.layers.items():
@@ -249,9 +262,9 @@ class WeightCriterion(Criterion):
             t = 0.0
             if view.weight is not None:
                 W = _w(view.weight)
-                E = self.elements(W.reshape(W.shape[0], -1), self.xnorm(b, view),
+                E = self._grouped(W.reshape(W.shape[0], -1), self.xnorm(b, view),
                                   (b.grad(view.weight).reshape(W.shape[0], -1)
-                                   if b.grad is not None else None))
+                                   if b.grad is not None else None), view.groups)
                 r, c = E.sum(1), E.sum(0)
                 t = E.sum()
             for p in view.biases:

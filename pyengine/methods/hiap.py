@@ -140,9 +140,25 @@ def hiap_gates(model: nn.Module) -> list[tuple[HiAPGates, HiAPGates]]:
     return out
 
 
+def hiap_gate_sets(model: nn.Module) -> list[HiAPGates]:
+    """Every HiAP gate set of a gated model of any family, in its adapter's ``gate_sets``
+    order (a ViT: attention and FFN gates of each block in turn, as :func:`hiap_gates`)."""
+    from pyengine.api import gate_sets
+    sets = gate_sets(model)
+    if not sets or not all(isinstance(g, HiAPGates) for g in sets):
+        raise ValueError("model is not gated with HiAP gates; call "
+                         "pyengine.gate(model, method='hiap') first")
+    return sets
+
+
+def _has_heads(sets: list[HiAPGates]) -> bool:
+    # (attention, FFN) gate pairs of a ViT: the head / dim / FFN feasibility terms apply
+    return any("head" in g.shapes for g in sets)
+
+
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The gate logits of ``model`` (their own optimizer group: higher lr, no weight decay)."""
-    return [p for a, m in hiap_gates(model) for g in (a, m) for p in g.logits.values()]
+    return [p for g in hiap_gate_sets(model) for p in g.logits.values()]
 
 
 class TemperatureSchedule:
@@ -164,8 +180,8 @@ class TemperatureSchedule:
     def __call__(self, step: int, total: int) -> float:
         self.tau = self.value(step, total)
         if self.model is not None:
-            for a, m in hiap_gates(self.model):
-                a.tau = m.tau = self.tau
+            for g in hiap_gate_sets(self.model):
+                g.tau = self.tau
         return self.tau
 
 
@@ -227,25 +243,36 @@ class HiAPLoss:
         return total
 
     def dense_macs(self, model: nn.Module) -> float:
-        from pyengine.cost.expected import dense_macs
         key = id(model)
         if key not in self._dense:
-            self._dense[key] = float(dense_macs(model))
+            if _has_heads(hiap_gate_sets(model)):
+                from pyengine.cost.expected import dense_macs
+                self._dense[key] = float(dense_macs(model))
+            else:
+                from pyengine.cost import cost
+                from pyengine.models import adapter_for, model_name
+                a = adapter_for(model)
+                self._dense[key] = float(cost(a.full_spec(a.geometry(model),
+                                                          model_name(model))).macs)
         return self._dense[key]
 
     def __call__(self, model: nn.Module, logits=None, x=None, y=None, step=None):
-        from pyengine.cost.expected import _distilled, expected_stacked_macs
-        from pyengine.models.vit.adapter import geometry
-        g = geometry(model)
-        stacked = self.stacked(model)
-        attn, mlp = stacked
+        # the expected MACs of any family come from its adapter; the head / dim / FFN
+        # feasibility terms are a ViT's (attention and FFN gate pairs)
+        from pyengine.models import adapter_for
+        sets = hiap_gate_sets(model)
+        probs = [g.probs() for g in sets]
         w = lambda k: self.macro_weight if k in MACRO else self.micro_weight  # noqa: E731
-        attn = {k: _scale_grad(v, w(k)) for k, v in attn.items()}
-        mlp = {k: _scale_grad(v, w(k)) for k, v in mlp.items()}
-        macs = expected_stacked_macs(g, attn, mlp, distilled=_distilled(model, g.depth))
+        macs = adapter_for(model).expected_macs(
+            model, [{k: _scale_grad(v, w(k)) for k, v in p.items()} for p in probs])
         ratio = macs / self.dense_macs(model)
         budget = self.budget_weight * (ratio - self.target) ** 2
-        feas = self.feasibility_weight * self.feasibility(model, stacked)
+        if _has_heads(sets):
+            from pyengine.cost.expected import stack_probs
+            stacked = stack_probs(list(zip(probs[0::2], probs[1::2])))
+            feas = self.feasibility_weight * self.feasibility(model, stacked)
+        else:
+            feas = torch.zeros((), dtype=macs.dtype, device=macs.device)
         loss = (budget + feas).to(torch.float32)
         return loss, {"emacs": float(ratio.detach()), "feas": float(feas.detach())}
 
@@ -254,16 +281,16 @@ def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads
              min_head_dims: float = 0.0, min_ffn: float = 0.0, round_to: int | None = None):
     """Fix the final hard structure of a HiAP-trained model: start from ``sigmoid(alpha) >
     0.5``, round and make feasible, then add/remove units ranked by their logits until the
-    MACs are within ``tolerance`` (relative) of ``target`` * dense. Returns the Spec."""
-    from pyengine.structure.solver import project
-    scores = [({k: v.detach() for k, v in a.logits.items()},
-               {k: v.detach() for k, v in m.logits.items()}) for a, m in hiap_gates(model)]
-    for a, m in hiap_gates(model):
-        a.release()
-        m.release()
-    return project(model, scores, target, tolerance=tolerance, min_heads=min_heads,
-                   min_head_dims=min_head_dims, min_ffn=min_ffn, round_to=round_to,
-                   threshold=0.0)
+    MACs are within ``tolerance`` (relative) of ``target`` * dense (the family's projection,
+    :meth:`pyengine.models.Adapter.project`). Returns the Spec."""
+    from pyengine.models import adapter_for
+    sets = hiap_gate_sets(model)
+    scores = [{k: v.detach() for k, v in g.logits.items()} for g in sets]
+    for g in sets:
+        g.release()
+    return adapter_for(model).project(model, scores, target, tolerance=tolerance,
+                                      round_to=round_to, min_heads=min_heads,
+                                      min_head_dims=min_head_dims, min_ffn=min_ffn)
 
 
 # --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pyengine.structure.gates import Gates, register_gates
 __all__ = ["ScaleGates", "scale_factors", "SSS",
            "threshold_to_target", "structure_macs", "SSSController", "frozen_norms"]
 
-LEARNED_SLOTS = ("block", "head", "neuron", "conv1", "conv2")
+LEARNED_SLOTS = ("block", "head", "neuron", "conv1", "conv2", "mlp", "mid")
 
 
 @register_gates("sss")
@@ -99,6 +99,7 @@ def frozen_norms(model: nn.Module) -> list[nn.Module]:
     the channel factors before them, so L1 could shrink all of a block's factors together at
     no cost to the loss until they collapse to zero at once; SSS trains them on their running
     statistics (eval mode) instead, which makes every factor's scale matter."""
+    from pyengine.models.cnn.family import PrunableBlock
     from pyengine.models.resnet.blocks import GatedResBlock
     out = []
     for m in model.modules():
@@ -106,6 +107,8 @@ def frozen_norms(model: nn.Module) -> list[nn.Module]:
             out.append(m.bn2)
             if m.kind == "bottleneck":
                 out.append(m.bn3)
+        elif isinstance(m, PrunableBlock) and isinstance(m.gates, ScaleGates):
+            out += m.frozen_norms()  # ConvNeXt, EfficientNet, RegNet blocks
     return out
 
 

@@ -121,6 +121,21 @@ class Adapter:
         """The importance units of ``model`` (see :mod:`pyengine.models.importance`)."""
         raise NotImplementedError
 
+    # ---- HiAP ----------------------------------------------------------------------------------
+    def expected_macs(self, model: nn.Module, probs, batch: int = 1):
+        """Differentiable expected MACs (a float64 scalar tensor) of a gated ``model`` whose
+        gate sets (``gate_sets(model)`` order) keep each unit independently with the
+        probabilities ``probs`` (one ``{slot: tensor}`` per gate set), under the gates' hard
+        semantics; with 0/1 probabilities, the cost model's MACs of that structure."""
+        raise NotImplementedError(f"{self.name}: no expected-MAC model (HiAP) yet")
+
+    def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
+                round_to: int | None = None, **constraints):
+        """HiAP's final structure: from logit-like ``scores`` (one ``{slot: tensor}`` per gate
+        set), the structure within ``target * (1 +- tolerance)`` of the dense MACs that keeps
+        the most probable units; applied to ``model``, returned as a spec."""
+        raise NotImplementedError(f"{self.name}: no HiAP projection yet")
+
 
 _ADAPTERS: list[Adapter] = []
 
@@ -139,6 +154,7 @@ def adapters() -> list[Adapter]:
 def _load_builtin() -> None:
     # the built-in families register themselves on import
     from pyengine.models import resnet, vit  # noqa: F401
+    from pyengine.models import convnext, efficientnet, regnet  # noqa: F401
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -23,7 +23,8 @@ __all__ = ["create_model", "load_model", "model_name", "img_size_is_input", "MOD
 
 # timm families whose constructors take no img_size: any input size runs, and pyengine keeps
 # the size as the cost model's input (model.pyengine_img_size)
-_SIZE_FREE_MODULES = ("timm.models.resnet",)
+_SIZE_FREE_MODULES = ("timm.models.resnet", "timm.models.convnext", "timm.models.efficientnet",
+                      "timm.models.mobilenetv3", "timm.models.regnet")
 
 
 # ---- what a saved config.json may hand to timm.create_model --------------------------------
@@ -132,7 +133,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """``timm.create_model`` that remembers its arguments, so save/load rebuild it exactly.
 
     ``img_size`` of a CNN (which takes any size) is kept as ``model.pyengine_img_size``, the
-    input size the cost model assumes, instead of being passed to timm."""
+    input size the cost model assumes, instead of being passed to timm (and remembered, so a
+    saved model and its rebuilt dense twin keep it)."""
     import timm
 
     from pyengine.models import zoo  # noqa: F401  (registers the digits models with timm)
@@ -144,7 +146,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
         size = kwargs.pop("img_size")
     model = timm.create_model(name, **kwargs)
     model.pyengine_config = {"architecture": arch,
-                             "kwargs": {k: v for k, v in kwargs.items()
+                             "kwargs": {k: v for k, v in {**kwargs, **(
+                                 {"img_size": size} if size else {})}.items()
                                         if k not in ("pretrained", "pretrained_cfg_overlay",
                                                      "checkpoint_path")}}
     if size:

@@ -28,11 +28,14 @@ __all__ = ["Hook", "LayerView", "Part", "Group", "Branch"]
 @dataclass
 class Hook:
     """Record ``module``'s "input" or "output" under ``key`` ("branch_output": an output that
-    the model then modifies in place; the family's forward gets a copy)."""
+    the model then modifies in place; the family's forward gets a copy). ``channels_last``:
+    whether calibration moves dim 1 last (None: the units' ``channels_last``; a CNN tensor
+    that is NHWC already says False)."""
 
     key: str
     module: torch.nn.Module
     where: str
+    channels_last: bool | None = None
 
 
 @dataclass
@@ -40,12 +43,14 @@ class LayerView:
     """A layer's weight (any shape; rows = first dim), its bias-like vectors (one value per
     row, e.g. a Linear's bias or a BatchNorm's scale and shift) and the recorded input it
     reads (``input_key``; None for no weight); ``repeat``: weight columns per input channel
-    (a conv's kh * kw)."""
+    (a conv's kh * kw); ``groups``: a grouped (or depthwise) conv's groups, whose row ``i``
+    reads only the input channels of its own group."""
 
     weight: torch.Tensor | None
     biases: list[torch.Tensor | None] = field(default_factory=list)
     input_key: str | None = None
     repeat: int = 1
+    groups: int = 1
 
 
 @dataclass

@@ -54,7 +54,7 @@ def _consistent(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         head = out["head"] * (out["v"] != 0).any(-1)
         out["head"] = head
         out["block"] = out["block"] * (head != 0).any()
-    else:
+    elif "block" in out:  # (a CNN block without a residual has no block gate)
         # an FFN ("neuron") or a conv block (one slot per inner conv): a block that keeps no
         # unit in some slot is removed
         for k in [k for k in out if k != "block"]:

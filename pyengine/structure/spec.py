@@ -216,6 +216,9 @@ class Spec(_JsonFile):
             family = d.get("family")
             if family is not None:
                 if family not in SPEC_TYPES:
+                    from pyengine.models.base import adapters
+                    adapters()  # the families register their spec types on import
+                if family not in SPEC_TYPES:
                     raise SpecError(f"unknown spec family {family!r}; known: "
                                     f"{', '.join(sorted(SPEC_TYPES))}")
                 return SPEC_TYPES[family].from_dict(d)  # type: ignore[return-value]

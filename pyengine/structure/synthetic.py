@@ -64,3 +64,20 @@ def heterogeneous_spec(g: Geometry, target: float, seed: int = 0, model: str | N
         for layer in layers:
             layer[1] = min(g.mlp_hidden, max(multiple, layer[1] + step))
     return build(layers)
+
+
+def random_channels_spec(gated, target: float, seed: int = 0, multiple: int = 8):
+    """A structure of a gated CNN (any family with a solver ledger) at ``target`` of the dense
+    MACs, with random kept channels (heterogeneous widths, as a learned method finds) in
+    multiples of ``multiple`` channels (whole groups where a slot's unit is a group): the
+    global allocation of random scores."""
+    from pyengine.methods.criteria import score
+    from pyengine.models import geometry, model_name
+    from pyengine.structure.solver import allocate
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a MAC fraction in (0, 1], got {target}")
+    return allocate(score(gated, "random", seed=seed), geometry(gated), target, mode="global",
+                    granularity="channel", round_to=multiple,
+                    model=model_name(gated),
+                    meta={"made_by": "pyengine.synthetic.random_channels_spec",
+                          "target": target, "seed": seed, "multiple": multiple})

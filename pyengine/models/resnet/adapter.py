@@ -75,3 +75,45 @@ class ResNetAdapter(Adapter):
     def importance(self, model: nn.Module):
         from pyengine.models.resnet.importance import ResNetUnits
         return ResNetUnits(model)
+
+    def expected_macs(self, model: nn.Module, probs, batch: int = 1):
+        from pyengine.models.factory import model_name
+        from pyengine.models.resnet.ledger import expected_macs
+        return expected_macs(blocks.geometry(model), model_name(model), probs, batch)
+
+    def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
+                round_to: int | None = None, **constraints) -> CnnSpec:
+        """HiAP's final structure (see :func:`pyengine.models.cnn.ledger.project_blocks`): per
+        block its inner conv channels in logit order and the residual branch."""
+        from pyengine import api
+        from pyengine.models.cnn.ledger import ProjectedBlock, project_blocks
+        from pyengine.models.factory import model_name
+        from pyengine.models.resnet.ledger import CnnLedger
+        from pyengine.structure.solver import allowed_counts
+        from pyengine.structure.spec import make_conv_block
+        name = model_name(model)
+        g = blocks.geometry(model)
+        led = CnnLedger(g, name)
+        if len(scores) != led.n:
+            raise ValueError(f"scores for {len(scores)} gate sets, the model has {led.n} blocks")
+
+        def cost(keep, ks, i):
+            led.kept[i] = [list(range(k)) for k in ks] if keep else None
+            return round(led.block_macs(i))
+        projected = [ProjectedBlock(True, sc["block"], [
+            (sc[sl], allowed_counts(c, round_to, 1, allow_zero=False))
+            for sl, c in zip(g.slots, g.inner[i])], lambda keep, ks, i=i: cost(keep, ks, i))
+            for i, sc in enumerate(scores)]
+        project_blocks(projected, round(led.fixed), led.dense, target, tolerance)
+        it = iter(projected)
+        stages = []
+        for n in g.layers:
+            st = []
+            for _ in range(n):
+                keep, kept = next(it).kept()
+                st.append(make_conv_block(keep, **dict(zip(g.slots, kept))))
+            stages.append(tuple(st))
+        s = CnnSpec(tuple(stages), model=name, dense=g,
+                    meta={"made_by": "hiap.project", "target": target, "tolerance": tolerance})
+        api.apply(model, s)
+        return s

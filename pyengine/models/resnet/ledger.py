@@ -8,6 +8,7 @@ dense MACs (one cost-model pass over the dense spec) without rebuilding the netw
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -121,3 +122,36 @@ class CnnLedger:
                     True, **{sl: self.kept[i][j] for j, sl in enumerate(self.g.slots)}))
             stages.append(tuple(st))
         return CnnSpec(tuple(stages), model=self.model, dense=self.g, meta=meta)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_coefficients(g: CnnGeometry, model: str, img_size: int):
+    return _coefficients(g, model)
+
+
+def expected_macs(g: CnnGeometry, model: str, probs: Sequence, batch: int = 1) -> torch.Tensor:
+    """Differentiable expected MACs (float64) of a gated ResNet whose gate sets (one per
+    residual block: ``block``, ``conv1`` and, in a Bottleneck, ``conv2``) keep each unit
+    independently with probabilities ``probs``. A block is alive iff its block gate and one
+    unit of each slot are on; with S_j the sum and A_j = 1 - prod(1 - p_j) of slot j's
+    probabilities, a BasicBlock's branch costs ``p_block * (c1 + c2) * S1 / C1`` and a
+    Bottleneck's ``p_block * (c1 S1 A2 / C1 + c2 S1 S2 / (C1 C2) + c3 S2 A1 / C2)`` (c: the
+    dense conv MACs): exact expectations, the ledger's MACs when the probabilities are 0/1."""
+    fixed, coef, _ = _cached_coefficients(g, model, g.img_size)
+    if len(probs) != len(coef):
+        raise ValueError(f"expected {len(coef)} gate sets of probabilities, got {len(probs)}")
+    total = torch.zeros((), dtype=torch.float64)
+    for p, c, inner in zip(probs, coef, g.inner):
+        pb = p["block"].double()
+        p1 = p["conv1"].double()
+        s1 = p1.sum()
+        if g.block == "basic":
+            e = pb * (c["conv1"] + c["conv2"]) * s1 / inner[0]
+        else:
+            p2 = p["conv2"].double()
+            s2 = p2.sum()
+            a1, a2 = 1.0 - torch.prod(1.0 - p1), 1.0 - torch.prod(1.0 - p2)
+            e = pb * (c["conv1"] * s1 * a2 / inner[0] + c["conv2"] * s1 * s2 / (inner[0] * inner[1])
+                      + c["conv3"] * s2 * a1 / inner[1])
+        total = total.to(e.device) + e
+    return batch * (total + float(fixed))

@@ -176,6 +176,21 @@ class ViTAdapter(Adapter):
         from pyengine.models.vit.importance import ViTUnits
         return ViTUnits(model)
 
+    # ---- HiAP: gate sets come in (attention, FFN) pairs per block
+    def expected_macs(self, model: nn.Module, probs, batch: int = 1):
+        from pyengine.cost.expected import _distilled, expected_total_macs
+        g = geometry(model)
+        return expected_total_macs(g, list(zip(probs[0::2], probs[1::2])), batch,
+                                   _distilled(model, g.depth))
+
+    def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
+                round_to: int | None = None, min_heads: int = 1, min_head_dims: float = 0.0,
+                min_ffn: float = 0.0, **constraints):
+        from pyengine.structure.solver import project
+        return project(model, list(zip(scores[0::2], scores[1::2])), target,
+                       tolerance=tolerance, min_heads=min_heads, min_head_dims=min_head_dims,
+                       min_ffn=min_ffn, round_to=round_to, threshold=0.0)
+
 
 def is_gated(model: nn.Module) -> bool:
     return ViTAdapter().is_gated(model)
