@@ -127,6 +127,7 @@ def adapters() -> list[Adapter]:
 def _load_builtin() -> None:
     # the built-in families register themselves on import
     from pyengine.models import resnet, vit  # noqa: F401
+    from pyengine.models import beit, eva, swin  # noqa: F401  (transformer families)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
