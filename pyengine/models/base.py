@@ -109,6 +109,42 @@ class Adapter:
         """The importance units of ``model`` (see :mod:`pyengine.models.importance`)."""
         raise NotImplementedError
 
+    def synthetic_spec(self, model: nn.Module, target: float, seed: int = 0,
+                       name: str | None = None, round_to: int = 8):
+        """A made-to-order structure at ``target`` of the dense MACs, for benchmarks before any
+        method has run: random importance scores through the structure solver (finest
+        granularity, global ranking, kept counts in multiples of ``round_to`` like the ViT's
+        heterogeneous heads)."""
+        import copy
+
+        from pyengine.methods.criteria import score
+        from pyengine.structure.solver import allocate
+        from pyengine.structure.gates import gate_factory
+        gated = model
+        if not self.is_gated(model):
+            gated = copy.deepcopy(model)
+            self.gate(gated, gate_factory("mask"))
+        return allocate(score(gated, "random", seed=seed), self.geometry(gated), target,
+                        round_to=round_to, model=name,
+                        meta={"made_by": "random scores, structure.solver.allocate",
+                              "seed": seed})
+
+    # ---- HiAP (learned gates against an expected-MAC budget) ----------------------------------
+    def expected_macs(self, model: nn.Module, probs=None, batch: int = 1, transform=None):
+        """Differentiable expected MACs (float64 scalar) of a gated model from keep
+        probabilities: ``probs`` one ``{slot: tensor}`` per gate set, aligned with
+        :meth:`gate_sets` (default: the gates' own); ``transform(slot, tensor)`` is applied to
+        every probability first (HiAP scales the gradients of macro and micro gates)."""
+        raise NotImplementedError(f"HiAP's expected cost is not available for {self.name} "
+                                  "models")
+
+    def project(self, model: nn.Module, scores, target: float, **options):
+        """HiAP's final structure at ``target`` (fraction of dense MACs) from logit-like
+        ``scores`` (one dict per gate set, aligned with :meth:`gate_sets`); applied to
+        ``model``, returned as a spec."""
+        raise NotImplementedError(f"HiAP's final projection is not available for {self.name} "
+                                  "models")
+
 
 _ADAPTERS: list[Adapter] = []
 

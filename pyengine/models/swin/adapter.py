@@ -42,7 +42,7 @@ class SwinGeometry(TransformerGeometry):
     dims: tuple[int, ...]
     num_heads: tuple[int, ...]
     head_dims: tuple[int, ...]
-    mlp_hidden: tuple[int, ...]
+    mlp_hiddens: tuple[int, ...]
     resolutions: tuple[tuple[int, int], ...]
     windows: tuple[tuple[int, int], ...]
     shifts: tuple[tuple[int, int], ...]
@@ -53,17 +53,22 @@ class SwinGeometry(TransformerGeometry):
     patch_norm: bool = True
     pool: str = "avg"
 
-    _POSITIVE = ("depths", "dims", "num_heads", "head_dims", "mlp_hidden", "in_chans",
+    _POSITIVE = ("depths", "dims", "num_heads", "head_dims", "mlp_hiddens", "in_chans",
                  "patch_size")
 
+    # what a fraction of a head's dims or of an FFN is taken of (--min-head-dims, --min-ffn
+    # become one count for all blocks): the smallest stage's
     @property
     def head_dim(self) -> int:
-        """The smallest head dim of any stage (what a per-head fraction is taken of)."""
         return min(self.head_dims)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return min(self.mlp_hiddens)
 
     def block_shapes(self) -> tuple[BlockShape, ...]:
         n = len(self.depths)
-        for name in ("dims", "num_heads", "head_dims", "mlp_hidden", "resolutions", "windows",
+        for name in ("dims", "num_heads", "head_dims", "mlp_hiddens", "resolutions", "windows",
                      "shifts"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} stages")
@@ -72,7 +77,7 @@ class SwinGeometry(TransformerGeometry):
             (H, W), (wh, ww) = self.resolutions[s], self.windows[s]
             sh = BlockShape(
                 dim=self.dims[s], heads=self.num_heads[s], head_dim=self.head_dims[s],
-                hidden=self.mlp_hidden[s], tokens=H * W,
+                hidden=self.mlp_hiddens[s], tokens=H * W,
                 windows=math.ceil(H / wh) * math.ceil(W / ww), window=wh * ww,
                 qkv_bias="qkv" if self.qkv_bias else "none", attn_bias=True,
                 bias_rows=(2 * wh - 1) * (2 * ww - 1))
@@ -102,7 +107,7 @@ def geometry(model: nn.Module) -> SwinGeometry:
                                               WindowAttention)
     require(not model.dynamic_img_size, "model", "dynamic_img_size / strict_img_size=False "
             "(attention masks built per input size)", SUPPORTED)
-    stages = {k: [] for k in ("depths", "dims", "num_heads", "head_dims", "mlp_hidden",
+    stages = {k: [] for k in ("depths", "dims", "num_heads", "head_dims", "mlp_hiddens",
                               "resolutions", "windows", "shifts")}
     qkv_bias = None
     for s, st in enumerate(_stages(model)):
@@ -140,8 +145,8 @@ def geometry(model: nn.Module) -> SwinGeometry:
             require(c == ref, f"layers.{s}.blocks.{j}", "blocks of a stage differ in shape (or in "
                     "their shift pattern)", SUPPORTED)
         D, H, Dh, M, res, win, _ = even
-        for k, v in zip(("dims", "num_heads", "head_dims", "mlp_hidden", "resolutions", "windows",
-                         "shifts"), (D, H, Dh, M, res, win, odd[6] if odd else (0, 0))):
+        for k, v in zip(("dims", "num_heads", "head_dims", "mlp_hiddens", "resolutions",
+                         "windows", "shifts"), (D, H, Dh, M, res, win, odd[6] if odd else (0, 0))):
             stages[k].append(v)
         stages["depths"].append(len(cfgs))
     pe = model.patch_embed

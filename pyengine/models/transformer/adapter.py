@@ -181,17 +181,19 @@ class TransformerAdapter(Adapter):
         return self._gated_pairs(model)
 
     # ---- HiAP --------------------------------------------------------------------------------
-    def expected_macs(self, model: nn.Module, probs: Sequence | None = None,
-                      batch: int = 1) -> torch.Tensor:
+    def expected_macs(self, model: nn.Module, probs: Sequence | None = None, batch: int = 1,
+                      transform=None) -> torch.Tensor:
         """Differentiable expected MACs (float64) of a gated model from keep probabilities
         ``probs`` (aligned with :meth:`gate_sets`; default: each gate set's ``probs()``, or its
-        hard masks)."""
+        hard masks); ``transform(slot, tensor)`` is applied to each probability first."""
         from pyengine.models.transformer.expected import expected_total_macs
         g = self.geometry(model)
         sets = self.gate_sets(model)
         if probs is None:
             probs = [gs.probs() if hasattr(gs, "probs") else
                      {k: v.double() for k, v in gs.hard().items()} for gs in sets]
+        if transform is not None:
+            probs = [{k: transform(k, v) for k, v in p.items()} for p in probs]
         return expected_total_macs(self, g, probs, batch)
 
     def project(self, model: nn.Module, scores: Sequence, target: float, **options):
@@ -199,23 +201,6 @@ class TransformerAdapter(Adapter):
         set, aligned with :meth:`gate_sets`); applied to ``model`` and returned."""
         from pyengine.models.transformer.project import project
         return project(self, model, scores, target, **options)
-
-    def synthetic_spec(self, model: nn.Module, target: float, seed: int = 0,
-                       name: str | None = None):
-        """A random structure at ``target`` of the dense MACs (random scores through the
-        solver, dims granularity): what benchmarks time before any method has run."""
-        from pyengine.methods.criteria import score
-        from pyengine.structure.solver import allocate
-        gated = model if self.is_gated(model) else None
-        if gated is None:
-            import copy
-
-            from pyengine.api import gate
-            gated = gate(copy.deepcopy(model))
-        scores = score(gated, "random", seed=seed)
-        return allocate(scores, self.geometry(gated), target, model=name or _name(model),
-                        meta={"made_by": "random scores (pyengine.structure.solver.allocate)",
-                              "seed": seed})
 
 
 def _name(model: nn.Module) -> str | None:

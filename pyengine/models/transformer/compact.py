@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyengine import ops
-from pyengine.models.transformer.gated import (GatedAttention, GatedFFN, _window_bias, attn_heads,
+from pyengine.models.transformer.gated import (GatedAttention, GatedFFN, attn_heads,
                                                ffn_hidden, ffn_kind, relative_bias,
                                                rot_interleaved)
 from pyengine.models.transformer.gating import qk_dim_gates
@@ -44,24 +44,45 @@ def qk_order(head: Head, sh: BlockShape) -> list[int]:
 
 def biased_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             qk_dims: Sequence[int], v_dims: Sequence[int], scale: float,
-                            bias: torch.Tensor) -> torch.Tensor:
+                            bias: torch.Tensor | None, mask: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Heads of different widths (packed as in ``ops.varlen_attention``) with an additive
-    scores bias ``bias`` [1 or B, heads, N, N]: ``softmax(q_h k_h^T * scale + bias_h) v_h``. A
-    head without q/k dims attends by its bias alone."""
+    scores bias: ``softmax(q_h k_h^T * scale + bias_h + mask) v_h``. ``bias`` [heads, N, N]
+    (relative position), ``mask`` [nW, N, N] (Swin's shifted windows; the batch runs over
+    images x nW windows), either may be None. A head without q/k dims attends by its bias
+    alone. One SDPA call per run of equal head shapes where q/k and v widths agree (fused on
+    the CPU), else timm's unfused path (a matmul pair, broadcast adds of bias and mask)."""
     from pyengine.ops.varlen_attention.reference import _runs, scales_list
     B, N, _ = q.shape
     outs = []
     h0 = 0
     for g, dq, dv, s, qo, vo in _runs(list(qk_dims), list(v_dims), scales_list(scale, len(qk_dims))):
-        b = bias[:, h0:h0 + g].to(v.dtype)
+        b = None if bias is None else bias[h0:h0 + g].to(v.dtype)
         h0 += g
         vh = v[..., vo:vo + g * dv].unflatten(-1, (g, dv)).transpose(1, 2)  # [B, g, N, dv]
-        if dq == 0:
-            oh = torch.softmax(b, dim=-1).expand(B, g, N, N) @ vh
-        else:
+        if dq > 0:
             qh = q[..., qo:qo + g * dq].unflatten(-1, (g, dq)).transpose(1, 2)
             kh = k[..., qo:qo + g * dq].unflatten(-1, (g, dq)).transpose(1, 2)
-            oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=b, scale=s)
+        if dq > 0 and dq == dv:
+            # equal q/k and v widths: one fused SDPA call (torch's CPU flash kernel takes it)
+            m = b if b is not None else v.new_zeros(g, N, N)
+            if mask is not None:
+                nw = mask.shape[0]
+                m = (m[None, None] + mask.to(v.dtype)[None, :, None]).expand(
+                    B // nw, nw, g, N, N).reshape(B, g, N, N)
+            oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=s)
+        else:
+            if dq > 0:
+                att = (qh * s) @ kh.transpose(-2, -1)
+                if b is not None:
+                    att = att + b
+            else:
+                att = (b if b is not None else v.new_zeros(g, N, N)).expand(B, g, N, N)
+            if mask is not None:
+                nw = mask.shape[0]
+                att = (att.view(-1, nw, g, N, N) + mask.to(v.dtype)[None, :, None]).view(
+                    B, g, N, N)
+            oh = att.softmax(dim=-1) @ vh
         outs.append(oh.transpose(1, 2).reshape(B, N, g * dv))
     if not outs:
         return v.new_zeros(B, N, 0)
@@ -146,12 +167,12 @@ class CompactAttention(nn.Module):
         if shared_rel_pos_bias is not None:
             shared = shared_rel_pos_bias.index_select(0, self.head_index_t)
             bias = shared if bias is None else bias + shared
-        bias = _window_bias(bias, mask, B, len(self.head_index), N)
-        if bias is None:
+        if bias is None and mask is None:
             o = ops.varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale,
                                      backend=self.backend)
         else:
-            o = biased_varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale, bias)
+            o = biased_varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale, bias,
+                                        mask)
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:
