@@ -134,14 +134,13 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
 
     A DIR gives the compact model and names its dense architecture (rebuilt with random
     weights: timing does not depend on them). A name gives the dense model; ``spec`` (a
-    spec.json) or ``target`` (a MAC fraction: a random heterogeneous structure from
-    :func:`pyengine.synthetic.heterogeneous_spec`, or for a CNN
-    :func:`pyengine.synthetic.random_channels_spec`) builds the compact one.
+    spec.json) or ``target`` (a MAC fraction: the family adapter's ``synthetic_spec``, random
+    heterogeneous heads for a ViT, random scores through the solver for other families)
+    builds the compact one.
     """
     from pyengine import api
-    from pyengine.models import geometry
+    from pyengine.models import adapter_for
     from pyengine.models.factory import create_model
-    from pyengine.structure.synthetic import heterogeneous_spec, random_channels_spec
 
     path = Path(model)
     if path.is_dir():
@@ -177,10 +176,8 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
     if spec is not None:
         from pyengine.structure.spec import Spec
         s = Spec.load(spec)
-    elif hasattr(gated, "patch_embed"):
-        s = heterogeneous_spec(geometry(gated), float(target), seed=seed, model=name)
-    else:  # a CNN: random kept channels (multiples of 8) at the target
-        s = random_channels_spec(gated, float(target), seed=seed)
+    else:  # the family's made-to-order structure (ViT: random heterogeneous heads)
+        s = adapter_for(gated).synthetic_spec(gated, float(target), seed=seed, name=name)
     api.apply(gated, s)
     return name, dense, api.compile(gated).eval()
 
@@ -198,6 +195,7 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
     from pyengine.measure.baselines import (torch_pruning_available, torch_pruning_cnn_model,
                                             torch_pruning_model)
     from pyengine.cost import cost
+    from pyengine.models import adapter_for
     from pyengine.models.vit.padded import pad_heads
 
     compare = parse_compare(compare)
@@ -219,8 +217,9 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
                                  for b in s.blocks]
         v.info["compact_macs_ratio"] = cost(compact).macs / cost(dense).macs
         v.info["spec_meta"] = dict(s.meta)  # e.g. how a synthetic structure was made (seed)
-    if "padded" in compare and not _is_vit(compact):
-        v.skipped["padded"] = "padded heads are a ViT variant (this model has no heads)"
+    vit = adapter_for(dense).name == "vit"
+    if "padded" in compare and not vit:
+        v.skipped["padded"] = f"padded heads exist for ViT models only ({model})"
     elif "padded" in compare:
         show("building padded-heads model")
         v.models["padded"] = pad_heads(compact, multiple=1)
@@ -245,21 +244,24 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
 def set_attention_backend(model: nn.Module, backend: str) -> int:
     """Run the compact attention layers of ``model`` on ``backend`` ("auto", "torch",
     "triton", "cuda", "cpu"; see :func:`pyengine.ops.varlen_attention`); returns how many."""
+    from pyengine.models.transformer.compact import CompactAttention as TCompactAttention
     from pyengine.models.vit.compact import CompactAttention
     from pyengine.ops import BACKENDS
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     n = 0
     for m in model.modules():
-        if isinstance(m, CompactAttention):
+        if isinstance(m, (CompactAttention, TCompactAttention)):
             m.backend = backend
             n += 1
     return n
 
 
 def attention_backend(model: nn.Module) -> str | None:
+    from pyengine.models.transformer.compact import CompactAttention as TCompactAttention
     from pyengine.models.vit.compact import CompactAttention
-    return next((m.backend for m in model.modules() if isinstance(m, CompactAttention)), None)
+    return next((m.backend for m in model.modules()
+                 if isinstance(m, (CompactAttention, TCompactAttention))), None)
 
 
 @torch.no_grad()

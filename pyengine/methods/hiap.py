@@ -127,17 +127,21 @@ class HiAPGates(Gates):
 
 
 def hiap_gates(model: nn.Module) -> list[tuple[HiAPGates, HiAPGates]]:
-    """``[(attention gates, FFN gates)]`` per block of a model gated with ``method="hiap"``."""
-    out = []
-    for i, blk in enumerate(getattr(model, "blocks", [])):
-        a, m = getattr(blk.attn, "gates", None), getattr(blk.mlp, "gates", None)
-        if not isinstance(a, HiAPGates) or not isinstance(m, HiAPGates):
-            raise ValueError(f"blocks.{i} is not gated with HiAP gates; call "
-                             "pyengine.gate(model, method='hiap') first")
-        out.append((a, m))
-    if not out:
+    """``[(attention gates, FFN gates)]`` per block of a model gated with ``method="hiap"``
+    (any transformer family: its adapter's gate sets, attention and FFN block by block)."""
+    from pyengine.models import adapter_for
+    a = adapter_for(model)
+    if not a.is_gated(model):
         raise ValueError("model has no gated blocks; call pyengine.gate(model, method='hiap')")
-    return out
+    sets = a.gate_sets(model)
+    for i, gs in enumerate(sets):
+        if not isinstance(gs, HiAPGates):
+            raise ValueError(f"gate set {i} ({type(gs).__name__}) is not a HiAP gate set; call "
+                             "pyengine.gate(model, method='hiap') first")
+    if len(sets) % 2 or any("head" not in sets[i].shapes for i in range(0, len(sets), 2)):
+        raise ValueError(f"HiAP pairs the attention and FFN gates of transformer blocks; the "
+                         f"{a.name} family's gate sets are not such pairs")
+    return list(zip(sets[0::2], sets[1::2]))
 
 
 def hiap_gate_sets(model: nn.Module) -> list[HiAPGates]:
@@ -227,38 +231,53 @@ class HiAPLoss:
         from pyengine.cost.expected import stack_probs
         return stack_probs([(a.probs(), m.probs()) for a, m in hiap_gates(model)])
 
-    def feasibility(self, model: nn.Module, stacked: tuple[dict, dict] | None = None
-                    ) -> torch.Tensor:
-        pa, pm = stacked if stacked is not None else self.stacked(model)
+    def feasibility(self, model: nn.Module, stacked: tuple[dict, dict] | None = None,
+                    probs: list | None = None) -> torch.Tensor:
+        """The feasibility penalty; ``probs``: keep probabilities per gate set (attention, FFN,
+        block by block; default: the gates' own). Blocks of one shape are stacked (few big
+        kernels); blocks of different shapes (Swin's stages) are summed one by one."""
+        if stacked is None:
+            if probs is None:
+                probs = [gs.probs() for pair in hiap_gates(model) for gs in pair]
+            pairs = list(zip(probs[0::2], probs[1::2]))
+            if _stackable(pairs):
+                from pyengine.cost.expected import stack_probs
+                stacked = stack_probs(pairs)
+            else:
+                return sum(self._feasibility(pa, pm) for pa, pm in pairs)
+        pa, pm = stacked
+        return self._feasibility({**pa, "block": pa["block"][:, None]},
+                                 {**pm, "block": pm["block"][:, None]})
+
+    def _feasibility(self, pa: dict, pm: dict) -> torch.Tensor:
+        # per block (or stacked blocks: a leading block axis, block gates [L, 1])
         total = pa["head"].new_zeros(())
         if self.min_heads > 0:  # per layer: expected kept heads
-            heads = (pa["block"][:, None] * pa["head"]).sum(-1)
+            heads = (pa["block"] * pa["head"]).sum(-1)
             total = total + (torch.relu(self.min_heads - heads) ** 2).sum()
         if self.min_head_dims > 0:  # per head: expected kept fraction of its dims
-            total = total + (torch.relu(self.min_head_dims - pa["qk"].mean(-1)) ** 2).sum()
+            if "qk" in pa:  # (q/k dims fixed by q/k norm have no gates)
+                total = total + (torch.relu(self.min_head_dims - pa["qk"].mean(-1)) ** 2).sum()
             total = total + (torch.relu(self.min_head_dims - pa["v"].mean(-1)) ** 2).sum()
         if self.min_ffn > 0:  # per layer: expected kept fraction of the FFN
-            ffn = pm["block"] * pm["neuron"].mean(-1)
+            ffn = pm["block"].squeeze(-1) * pm["neuron"].mean(-1)
             total = total + (torch.relu(self.min_ffn - ffn) ** 2).sum()
         return total
 
     def dense_macs(self, model: nn.Module) -> float:
+        """MACs of the unpruned model: the expected MACs with every gate kept (with 0/1
+        probabilities the expected MACs are the cost model's)."""
+        from pyengine.models import adapter_for
         key = id(model)
         if key not in self._dense:
-            if _has_heads(hiap_gate_sets(model)):
-                from pyengine.cost.expected import dense_macs
-                self._dense[key] = float(dense_macs(model))
-            else:
-                from pyengine.cost import cost
-                from pyengine.models import adapter_for, model_name
-                a = adapter_for(model)
-                self._dense[key] = float(cost(a.full_spec(a.geometry(model),
-                                                          model_name(model))).macs)
+            ones = [{k: torch.ones(v, dtype=torch.float64) for k, v in gs.shapes.items()}
+                    for gs in hiap_gate_sets(model)]
+            self._dense[key] = float(adapter_for(model).expected_macs(model, ones))
         return self._dense[key]
 
     def __call__(self, model: nn.Module, logits=None, x=None, y=None, step=None):
         # the expected MACs of any family come from its adapter; the head / dim / FFN
-        # feasibility terms are a ViT's (attention and FFN gate pairs)
+        # feasibility terms are a transformer's (attention and FFN gate pairs)
         from pyengine.models import adapter_for
         sets = hiap_gate_sets(model)
         probs = [g.probs() for g in sets]
@@ -268,13 +287,21 @@ class HiAPLoss:
         ratio = macs / self.dense_macs(model)
         budget = self.budget_weight * (ratio - self.target) ** 2
         if _has_heads(sets):
-            from pyengine.cost.expected import stack_probs
-            stacked = stack_probs(list(zip(probs[0::2], probs[1::2])))
-            feas = self.feasibility_weight * self.feasibility(model, stacked)
+            feas = self.feasibility_weight * self.feasibility(model, probs=probs)
         else:
             feas = torch.zeros((), dtype=macs.dtype, device=macs.device)
         loss = (budget + feas).to(torch.float32)
         return loss, {"emacs": float(ratio.detach()), "feas": float(feas.detach())}
+
+
+def _stackable(pairs: list) -> bool:
+    """Whether every block's gate slots have one shape (then they stack into few kernels)."""
+    first = pairs[0] if pairs else None
+    if first is None or set(first[0]) != {"block", "head", "qk", "v"}:
+        return False
+    return all({k: tuple(t.shape) for k, t in a.items()} ==
+               {k: tuple(t.shape) for k, t in first[0].items()} and
+               tuple(m["neuron"].shape) == tuple(first[1]["neuron"].shape) for a, m in pairs)
 
 
 def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads: int = 1,

@@ -121,20 +121,41 @@ class Adapter:
         """The importance units of ``model`` (see :mod:`pyengine.models.importance`)."""
         raise NotImplementedError
 
-    # ---- HiAP ----------------------------------------------------------------------------------
-    def expected_macs(self, model: nn.Module, probs, batch: int = 1):
-        """Differentiable expected MACs (a float64 scalar tensor) of a gated ``model`` whose
-        gate sets (``gate_sets(model)`` order) keep each unit independently with the
-        probabilities ``probs`` (one ``{slot: tensor}`` per gate set), under the gates' hard
-        semantics; with 0/1 probabilities, the cost model's MACs of that structure."""
-        raise NotImplementedError(f"{self.name}: no expected-MAC model (HiAP) yet")
+    def synthetic_spec(self, model: nn.Module, target: float, seed: int = 0,
+                       name: str | None = None, round_to: int = 8):
+        """A made-to-order structure at ``target`` of the dense MACs, for benchmarks before any
+        method has run: random importance scores through the structure solver (finest
+        granularity, global ranking, kept counts in multiples of ``round_to`` like the ViT's
+        heterogeneous heads)."""
+        import copy
 
-    def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
-                round_to: int | None = None, **constraints):
-        """HiAP's final structure: from logit-like ``scores`` (one ``{slot: tensor}`` per gate
-        set), the structure within ``target * (1 +- tolerance)`` of the dense MACs that keeps
-        the most probable units; applied to ``model``, returned as a spec."""
-        raise NotImplementedError(f"{self.name}: no HiAP projection yet")
+        from pyengine.methods.criteria import score
+        from pyengine.structure.solver import allocate
+        from pyengine.structure.gates import gate_factory
+        gated = model
+        if not self.is_gated(model):
+            gated = copy.deepcopy(model)
+            self.gate(gated, gate_factory("mask"))
+        return allocate(score(gated, "random", seed=seed), self.geometry(gated), target,
+                        round_to=round_to, model=name,
+                        meta={"made_by": "random scores, structure.solver.allocate",
+                              "seed": seed})
+
+    # ---- HiAP (learned gates against an expected-MAC budget) ----------------------------------
+    def expected_macs(self, model: nn.Module, probs=None, batch: int = 1, transform=None):
+        """Differentiable expected MACs (float64 scalar) of a gated model from keep
+        probabilities: ``probs`` one ``{slot: tensor}`` per gate set, aligned with
+        :meth:`gate_sets` (default: the gates' own); ``transform(slot, tensor)`` is applied to
+        every probability first (HiAP scales the gradients of macro and micro gates)."""
+        raise NotImplementedError(f"HiAP's expected cost is not available for {self.name} "
+                                  "models")
+
+    def project(self, model: nn.Module, scores, target: float, **options):
+        """HiAP's final structure at ``target`` (fraction of dense MACs) from logit-like
+        ``scores`` (one dict per gate set, aligned with :meth:`gate_sets`); applied to
+        ``model``, returned as a spec."""
+        raise NotImplementedError(f"HiAP's final projection is not available for {self.name} "
+                                  "models")
 
 
 _ADAPTERS: list[Adapter] = []
@@ -155,6 +176,7 @@ def _load_builtin() -> None:
     # the built-in families register themselves on import
     from pyengine.models import resnet, vit  # noqa: F401
     from pyengine.models import convnext, efficientnet, regnet  # noqa: F401
+    from pyengine.models import beit, eva, swin  # noqa: F401  (transformer families)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

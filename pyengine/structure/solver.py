@@ -26,6 +26,7 @@ the strategies here are family-free:
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from typing import Callable, Mapping, Sequence
@@ -115,14 +116,9 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
     macs = cost(spec).macs
     if macs > budget * (1 + 1e-9) + 1e-6:
         raise AssertionError(f"allocation bug: {macs} MACs over the budget {budget}")
-    return type(spec)(*_fields(spec), meta={**meta, "macs": macs, "dense_macs": ledger.dense,
-                                            "kept_macs": macs / ledger.dense})
-
-
-def _fields(spec):
-    # a spec's structure part and identity, to rebuild it with more meta
-    first = spec.blocks if isinstance(spec, Spec) else spec.stages
-    return first, spec.model, spec.dense
+    # every family's spec is a frozen dataclass with a ``meta`` field
+    return dataclasses.replace(spec, meta={**meta, "macs": macs, "dense_macs": ledger.dense,
+                                           "kept_macs": macs / ledger.dense})
 
 
 def allocate_cnn(scores, g, target: float, mode: str = "global", granularity: str = "channel",

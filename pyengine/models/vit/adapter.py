@@ -176,20 +176,27 @@ class ViTAdapter(Adapter):
         from pyengine.models.vit.importance import ViTUnits
         return ViTUnits(model)
 
-    # ---- HiAP: gate sets come in (attention, FFN) pairs per block
-    def expected_macs(self, model: nn.Module, probs, batch: int = 1):
-        from pyengine.cost.expected import _distilled, expected_total_macs
-        g = geometry(model)
-        return expected_total_macs(g, list(zip(probs[0::2], probs[1::2])), batch,
-                                   _distilled(model, g.depth))
+    def synthetic_spec(self, model: nn.Module, target: float, seed: int = 0,
+                       name: str | None = None) -> Spec:
+        from pyengine.structure.synthetic import heterogeneous_spec
+        return heterogeneous_spec(geometry(model), float(target), seed=seed, model=name)
 
-    def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
-                round_to: int | None = None, min_heads: int = 1, min_head_dims: float = 0.0,
-                min_ffn: float = 0.0, **constraints):
+    def expected_macs(self, model: nn.Module, probs=None, batch: int = 1, transform=None):
+        # blocks share one shape: stacked over blocks, a few big kernels per step
+        from pyengine.cost.expected import (_distilled, expected_stacked_macs, gate_probs,
+                                            stack_probs)
+        g = geometry(model)
+        pairs = gate_probs(model) if probs is None else list(zip(probs[0::2], probs[1::2]))
+        attn, mlp = stack_probs(pairs)
+        if transform is not None:
+            attn = {k: transform(k, v) for k, v in attn.items()}
+            mlp = {k: transform(k, v) for k, v in mlp.items()}
+        return expected_stacked_macs(g, attn, mlp, batch=batch,
+                                     distilled=_distilled(model, g.depth))
+
+    def project(self, model: nn.Module, scores, target: float, **options):
         from pyengine.structure.solver import project
-        return project(model, list(zip(scores[0::2], scores[1::2])), target,
-                       tolerance=tolerance, min_heads=min_heads, min_head_dims=min_head_dims,
-                       min_ffn=min_ffn, round_to=round_to, threshold=0.0)
+        return project(model, list(zip(scores[0::2], scores[1::2])), target, **options)
 
 
 def is_gated(model: nn.Module) -> bool:
