@@ -367,7 +367,7 @@ def test_bench_and_profile_take_cnn_families(tmp_path):
     res = {r["variant"]: r for r in rep["results"]}
     assert list(res) == ["dense", "compact", "torch-pruning"]
     assert [s["variant"] for s in rep["skipped"]] == ["padded"]
-    assert "no heads" in rep["skipped"][0]["reason"]
+    assert "ViT models only" in rep["skipped"][0]["reason"]
     assert 0.5 * 0.97 <= res["compact"]["macs_ratio"] <= 0.5
     assert abs(res["torch-pruning"]["macs"] / res["compact"]["macs"] - 1) < 0.02
     assert res["compact"]["input_shape"] == [2, 3, 32, 32]

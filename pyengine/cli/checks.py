@@ -96,6 +96,8 @@ def PEAKS(dest, v, a):  # noqa: N802
 def _dtype(allowed: tuple[str, ...] | None = None) -> Callable:
     def rule(dest, v, a):
         from pyengine.cost.dtypes import as_dtype
+        if v is None:  # not given: the command picks the device's usual dtype
+            return
         try:
             dt = as_dtype(v)
         except TypeError:
@@ -219,6 +221,16 @@ def BATCHES(dest, v, a):  # noqa: N802
         raise SettingError(dest, f"{flag(dest)} {v!r}: {e}") from None
 
 
+def SIZES(dest, v, a):  # noqa: N802
+    """A comma list of integers >= 1 (None: the command's default)."""
+    if v is None:
+        return
+    parts = [p.strip() for p in str(v).split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise SettingError(dest, f"{flag(dest)} {v!r}: a comma list of integers >= 1, "
+                                 "e.g. 256,512")
+
+
 def COMPARE(dest, v, a):  # noqa: N802
     from pyengine.measure.bench import parse_compare
     try:
@@ -270,8 +282,8 @@ RULES: dict[str, dict[str, Callable]] = {
               "rounds": POS, "min_sample_ms": FINITE_NONNEG, "backend": OP_BACKEND,
               "multiple": POS, "threads": OPT_POS, "json": OUT_FILE},
     "profile": {**_MODEL_ARGS, "batch": POS, "dtype": GPU_DTYPE, "device": DEVICE,
-                "repeats": POS, "warmup": NONNEG, "copy_mib": OPT_POS, "gemm_n": OPT_POS,
-                "threads": OPT_POS, "rows": NONNEG, "json": OUT_FILE, "plot": OUT_FILE},
+                "repeats": POS, "warmup": NONNEG, "copy_mib": OPT_POS, "gemm_n": SIZES,
+                "threads": OPT_POS, "rows": OPT_NONNEG, "json": OUT_FILE, "plot": OUT_FILE},
     "sweep": {"removed": _each(_number(0, False, 1, hi_open=True)), "seeds": POS,
               "calib_batches": POS, "calib_batch_size": POS, "min_heads": NONNEG,
               "round_to": POS, "cache_dir": OUT_DIR, "out": OUT_FILE, "plot": OUT_FILE,

@@ -236,6 +236,8 @@ def check_config(budget: Budget, training: Training) -> None:
 def check_geometry(budget: Budget, geometry) -> None:
     """Budget settings the model cannot meet (checked as soon as the model is built)."""
     heads = getattr(geometry, "num_heads", None)
+    if isinstance(heads, (tuple, list)):  # one count per stage (Swin): the fewest bind
+        heads = min(heads) if heads else None
     if heads is not None and budget.min_heads > heads:
         raise SettingError("min_heads", f"min_heads must be at most the model's {heads} heads per layer, got "
                          f"{budget.min_heads}")

@@ -52,11 +52,15 @@ def _name(v):
 
 
 def _int_or_pair(v):
-    return _int(v) or (isinstance(v, list) and len(v) == 2 and all(_int(x) for x in v))
+    return _int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_int(x) for x in v))
 
 
-def _ints(v):
-    return isinstance(v, list) and len(v) <= 64 and all(_int(x) for x in v)
+def _ints(v):  # (a tuple before the JSON round trip, a list after)
+    return isinstance(v, (list, tuple)) and len(v) <= 64 and all(_int(x) for x in v)
+
+
+def _int_or_ints(v):
+    return _int(v) or _ints(v)
 
 
 def _optional(check):
@@ -65,7 +69,8 @@ def _optional(check):
 
 _TYPE_NAMES = {_int: "an integer", _num: "a finite number", _bool: "true or false",
                _name: "a short name (letters, digits, _ . -)", _int_or_pair:
-               "an integer or [h, w]", _ints: "a list of integers"}
+               "an integer or [h, w]", _ints: "a list of integers",
+               _int_or_ints: "an integer or a list of integers"}
 
 MODEL_KWARGS: dict[str, Callable[[Any], bool]] = {
     # timm VisionTransformer
@@ -87,7 +92,28 @@ MODEL_KWARGS: dict[str, Callable[[Any], bool]] = {
     "stem_type": _name, "replace_stem_pool": _bool, "block_reduce_first": _int,
     "down_kernel_size": _int, "avg_down": _bool, "channels": _ints, "drop_block_rate": _num,
     "zero_init_last": _bool,
+    # timm Eva (EVA, EVA02) and Beit
+    "num_kv_heads": _optional(_int), "qkv_fused": _bool, "swiglu_mlp": _bool,
+    "swiglu_align_to": _int, "scale_mlp": _bool, "scale_attn_inner": _bool, "attn_type": _name,
+    "attn_only_layer_scale": _bool, "num_reg_tokens": _int, "use_abs_pos_emb": _bool,
+    "use_rot_pos_emb": _bool, "rope_type": _name, "rope_grid_offset": _num,
+    "rope_grid_indexing": _name, "rope_temperature": _num, "rope_rotate_half": _bool,
+    "use_post_norm": _bool, "use_pre_transformer_norm": _bool,
+    "use_post_transformer_norm": _optional(_bool), "use_fc_norm": _optional(_bool),
+    "ref_feat_shape": _optional(_int_or_pair), "head_init_scale": _num,
+    "use_rel_pos_bias": _bool, "use_shared_rel_pos_bias": _bool,
+    # timm SwinTransformer (num_heads and depths per stage)
+    "depths": _ints, "head_dim": _optional(_int), "window_size": _int_or_pair,
+    "always_partition": _bool, "strict_img_size": _bool,
+    # timm ConvNeXt, EfficientNet / MobileNetV3 (and their model functions), RegNet
+    "dims": _ints, "kernel_sizes": _int_or_ints, "ls_init_value": _optional(_num),
+    "head_norm_first": _bool, "head_hidden_size": _optional(_int), "conv_mlp": _bool,
+    "conv_bias": _bool, "use_grn": _bool, "norm_eps": _optional(_num), "num_features": _int,
+    "stem_size": _int, "fix_stem": _bool, "pad_type": _name, "head_bias": _bool,
+    "head_norm": _bool, "se_from_exp": _bool, "layer_scale_init_value": _optional(_num),
+    "channel_multiplier": _num, "depth_multiplier": _num,
 }
+MODEL_KWARGS["num_heads"] = _int_or_ints  # ViT: one count; Swin: one per stage
 
 
 def check_model_kwargs(kwargs: Any, where: str = "model kwargs") -> dict:
