@@ -21,9 +21,11 @@ def fake_table(geometry, batches=(1, 8), candidates=("torch",), attn=None, runs=
     for b in batches:
         grids = {}
         for be in candidates:
-            for kind in ("attn", "attn0"):
+            for kind in ("attn_eq", "attn_ne", "attn0"):
                 axes = pts[kind]
-                vals = [attn(be, b, p["heads"], p.get("qk", 0), p["v"]) for p in _grid_shape(axes)]
+                vals = [attn(be, b, p["heads"], p.get("qk", p.get("width", 0)),
+                             p.get("v", p.get("width")))
+                        for p in _grid_shape(axes)]
                 grids[f"{kind}/{be}"] = Grid({k: [float(x) for x in v] for k, v in axes.items()},
                                              vals)
             ks = pts["runs"]["runs"]

@@ -119,7 +119,7 @@ def test_planner_finds_the_best_grouping():
             cost[key] = rng.random()
         return cost[key]
 
-    bl, val = plan_block(block, 16, objective, ["torch"], "torch", min_gain=0.0)
+    bl, val = plan_block(block, 16, objective, ["torch"], "torch", min_gain=0.0, grow=False)
     groups = {}
     for h in block.heads:
         groups.setdefault((len(h.qk), len(h.v)), []).append(h.index)
@@ -149,6 +149,11 @@ def test_planner_margin_backends_and_widths():
     assert bl.backend == "cpu"
     assert {(b.qk, b.v) for b in bl.buckets} <= {(32, 32), (64, 64)}
     assert all(b.qk >= 24 for b in bl.buckets)
+    # unequal q/k and v widths are slow (no fused kernel): the planner pads to equal ones
+    one = make_block([(0, range(24), range(32))], [])
+    bl, _ = plan_block(one, 64, lambda sh, b: sum(n * (q + v) * (1 if q == v else 3)
+                                                  for n, q, v in sh), ["torch"], "torch")
+    assert [(b.qk, b.v) for b in bl.buckets] == [(32, 32)]
     # below the margin the exact layout on the baseline backend stays
     bl, _ = plan_block(block, 64, lambda s, b: 1.0 - 0.01 * (len(s) == 1), ["torch"], "torch",
                        min_gain=0.02)

@@ -99,11 +99,13 @@ def test_predictions_add_up():
     g = _geometry()
     t = fake_table(g)
     b = 3
-    buckets = [(2, 16, 32), (1, 0, 8)]
-    core = (t.value(g, "attn/torch", b, heads=2, qk=16, v=32)
-            + t.value(g, "attn0/torch", b, heads=1, v=8) + t.value(g, "runs/torch", b, runs=2))
+    buckets = [(2, 16, 32), (1, 0, 8), (3, 24, 24)]
+    core = (t.value(g, "attn_ne/torch", b, heads=2, qk=16, v=32)
+            + t.value(g, "attn0/torch", b, heads=1, v=8)
+            + t.value(g, "attn_eq/torch", b, heads=3, width=24)
+            + t.value(g, "runs/torch", b, runs=3))
     assert t.core_ms(g, b, buckets) == pytest.approx(core)
-    sqk, sv = 2 * 16, 2 * 32 + 8
+    sqk, sv = 2 * 16 + 3 * 24, 2 * 32 + 8 + 3 * 24
     assert t.attention_ms(g, b, buckets) == pytest.approx(
         t.branch_ms(g, b) + t.linear_ms(g, b, "qkv", 2 * sqk + sv) + core
         + t.linear_ms(g, b, "proj", sv))
@@ -167,30 +169,37 @@ def test_measured_grids_have_the_documented_shape():
     # a tiny grid on a tiny shape: the structure of what is measured, not its values
     g = _geometry()
     shape = TableShape.of(g)
-    pts = {"attn": {"heads": [1, 3], "qk": [8, 64], "v": [16]}, "attn0": {"heads": [3], "v": [8]},
+    pts = {"attn_eq": {"heads": [1, 3], "width": [8, 64]},
+           "attn_ne": {"heads": [1, 3], "qk": [8, 64], "v": [16]}, "attn0": {"heads": [3], "v": [8]},
            "runs": {"runs": [1, 2, 3]}, "qkv": {"width": [32, 576]}, "proj": {"width": [192]},
            "mlp": {"width": [16, 768]}}
     grids, info = latency_grid.measure_grids(shape, 2, "cpu", torch.float32, ["torch"],
                                              points=pts, repeats=2, min_sample_ms=0.0,
                                              progress=False)
-    assert set(grids) == {"attn/torch", "attn0/torch", "runs/torch", "qkv", "proj", "mlp",
-                          "branch", "stem", "head"}
-    assert grids["attn/torch"].axes == {"heads": [1.0, 3.0], "qk": [8.0, 64.0], "v": [16.0]}
-    assert len(grids["attn/torch"].ms) == 4 and grids["runs/torch"].ms[0] == 0.0
+    assert set(grids) == {"attn_eq/torch", "attn_ne/torch", "attn0/torch", "runs/torch", "qkv",
+                          "proj", "mlp", "branch", "stem", "head"}
+    assert grids["attn_ne/torch"].axes == {"heads": [1.0, 3.0], "qk": [8.0, 64.0], "v": [16.0]}
+    assert len(grids["attn_ne/torch"].ms) == 4 and grids["runs/torch"].ms[0] == 0.0
+    assert grids["attn_eq/torch"].axes == {"heads": [1.0, 3.0], "width": [8.0, 64.0]}
     for name, gr in grids.items():
         if not name.startswith("runs"):
             assert all(v > 0 for v in gr.ms), name
     assert info["repeats"] == 2 and info["seconds"] >= 0
     # default axes cover the model's widths
     d = latency_grid.default_points(shape)
-    assert d["attn"]["qk"][-1] == 64 and d["attn"]["heads"][-1] == 3
+    assert d["attn_eq"]["width"] == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert d["attn_eq"]["heads"] == [1, 2, 3]
+    # the unequal grid has no point with equal widths
+    assert not set(d["attn_ne"]["qk"]) & set(d["attn_ne"]["v"])
     assert d["qkv"]["width"][-1] == 576 and d["mlp"]["width"][-1] == 768
 
 
 def test_cli_latency_table(tmp_path, capsys):
     from pyengine.cli import main
     out = tmp_path / "table.json"
-    pts = {"attn": {"heads": [1, 3], "qk": [64], "v": [64]}, "attn0": {"heads": [3], "v": [64]},
+    pts = {"attn_eq": {"heads": [3], "width": [64]}, "attn_ne": {"heads": [3], "qk": [64],
+                                                               "v": [32]},
+           "attn0": {"heads": [3], "v": [64]},
            "runs": {"runs": [1, 3]}, "qkv": {"width": [576]}, "proj": {"width": [192]},
            "mlp": {"width": [768]}}
     argv = ["latency-table", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(KW),

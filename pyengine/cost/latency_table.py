@@ -9,10 +9,14 @@ measures them with the one timing harness):
 =================  ==============  ============================================================
 grid               axes            what one timed call runs
 =================  ==============  ============================================================
-attn/<backend>     heads, qk, v    ``pyengine.ops.varlen_attention`` with that backend: ``heads``
-                                   heads, all ``qk`` (q/k) and ``v`` (value) wide; q, k, v are
-                                   slices of one packed projection, as in a compact layer
-attn0/<backend>    heads, v        the same with ``qk = 0`` (uniform attention: a mean of V)
+attn_eq/<backend>  heads, width    ``pyengine.ops.varlen_attention`` with that backend: ``heads``
+                                   heads whose q/k and v are both ``width`` wide (q, k, v are
+                                   slices of one packed projection, as in a compact layer)
+attn_ne/<backend>  heads, qk, v    the same with q/k width ``qk`` != v width ``v``: measured on v
+                                   points between the qk points, so no point has equal widths
+                                   (SDPA's fused kernels need equal widths: off the diagonal
+                                   torch falls back to a slower path, a different function)
+attn0/<backend>    heads, v        ``qk = 0`` (uniform attention: a mean of V)
 runs/<backend>     runs            what splitting one call into ``runs`` runs of different
                                    shapes adds to the sum of the runs timed one call each
                                    (negative: one op call instead of several; 0 at 1 run)
@@ -23,6 +27,9 @@ branch             (none)          ``LayerNorm(D)`` and the residual add of one 
 stem               (none)          patch-embedding conv, prefix tokens, position embedding
 head               (none)          final LayerNorm, token pooling, classifier
 =================  ==============  ============================================================
+
+A run of ``h`` heads of widths ``(qk, v)`` costs ``attn0(h, v)`` if ``qk == 0``,
+``attn_eq(h, qk)`` if ``qk == v``, else ``attn_ne(h, qk, v)``.
 
 Between grid points values are interpolated linearly along each axis (multilinear); below an
 axis' first point the first value holds, above its last point the last segment extends. Across
@@ -49,8 +56,8 @@ or ``~/.cache/pyengine``. The file (format :data:`FORMAT`)::
      "shapes": {"<shape key>": {"shape": {...TableShape...},
                                 "batches": {"1": {"candidates": ["torch", "cpu"],
                                                   "seconds": 12.3, "created": "...",
-                                                  "grids": {"attn/torch": {"axes": {"heads": [..],
-                                                            "qk": [..], "v": [..]},
+                                                  "grids": {"attn_eq/torch": {"axes": {
+                                                            "heads": [..], "width": [..]},
                                                             "ms": [.. C order ..],
                                                             "iqr_ms": [..]}, ...}}}}}}
 
@@ -80,7 +87,7 @@ __all__ = ["FORMAT", "Grid", "TableShape", "LatencyTable", "LatencyTableError", 
 FORMAT = "pyengine.latency/1"
 
 # the grids a table holds per batch (backend-specific ones carry "/<backend>")
-BACKEND_GRIDS = ("attn", "attn0", "runs")
+BACKEND_GRIDS = ("attn_eq", "attn_ne", "attn0", "runs")
 PLAIN_GRIDS = ("qkv", "proj", "mlp", "branch", "stem", "head")
 
 
@@ -475,15 +482,19 @@ class LatencyTable:
         buckets = [b for b in buckets if b[0] > 0 and b[2] > 0]
         if not buckets:
             return 0.0
-        t = 0.0
-        for h, qk, v in buckets:
-            if qk > 0:
-                t += self.value(shape, f"attn/{backend}", batch, heads=h, qk=qk, v=v)
-            else:
-                t += self.value(shape, f"attn0/{backend}", batch, heads=h, v=v)
+        t = sum(self.run_ms(shape, batch, h, qk, v, backend) for h, qk, v in buckets)
         if len(buckets) > 1:
             t += self.value(shape, f"runs/{backend}", batch, runs=len(buckets))
         return max(t, 0.0)
+
+    def run_ms(self, shape: Any, batch: int, heads: int, qk: int, v: int,
+               backend: str = "torch") -> float:
+        """One run of the op alone: ``heads`` heads of q/k width ``qk`` and v width ``v``."""
+        if qk == 0:
+            return self.value(shape, f"attn0/{backend}", batch, heads=heads, v=v)
+        if qk == v:
+            return self.value(shape, f"attn_eq/{backend}", batch, heads=heads, width=qk)
+        return self.value(shape, f"attn_ne/{backend}", batch, heads=heads, qk=qk, v=v)
 
     def linear_ms(self, shape: Any, batch: int, which: str, width: int) -> float:
         """``which`` = "qkv" (D -> width) or "proj" (width -> D)."""

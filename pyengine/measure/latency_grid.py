@@ -60,10 +60,16 @@ def default_points(shape: TableShape) -> dict[str, dict[str, list[int]]]:
     """The default grid of ``shape``: axes of every grid (see the table's module docstring)."""
     H, Dh, D, M = shape.num_heads, shape.head_dim, shape.embed_dim, shape.mlp_hidden
     heads = _upto((1, 2, 3, 4, 6, 8, 12, 16), H)
-    widths = _upto((8, 16, 32, 48, 64, 96, 128, 192), Dh)
+    step = 8 if Dh <= 64 else 16 if Dh <= 128 else 32
+    equal = _upto(range(step, Dh + 1, step), Dh)
+    qk = _upto((8, 16, 32, 48, 64, 96, 128, 192, 256), Dh)
+    # v between the qk points: no point of the unequal grid has equal widths
+    v = sorted({(a + b) // 2 for a, b in zip(qk, qk[1:]) if (a + b) // 2 not in qk}) or \
+        [max(1, qk[0] // 2)]
     geo = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144)
-    return {"attn": {"heads": heads, "qk": widths, "v": widths},
-            "attn0": {"heads": heads, "v": widths},
+    return {"attn_eq": {"heads": heads, "width": equal},
+            "attn_ne": {"heads": heads, "qk": qk, "v": v},
+            "attn0": {"heads": heads, "v": equal},
             "runs": {"runs": heads},
             "qkv": {"width": _upto(geo, 3 * H * Dh)},
             "proj": {"width": _upto(geo, H * Dh)},
@@ -91,11 +97,17 @@ def _attention_fns(shape: TableShape, batch: int, device, dtype, backend: str,
     from pyengine.ops.varlen_attention import varlen_attention
     scale = shape.head_dim ** -0.5
     grid = _grid_shape(points)
-    width = max(2 * p["heads"] * p.get("qk", 0) + p["heads"] * p["v"] for p in grid)
+
+    def dims(p):  # (heads, qk, v) of a grid point of attn_eq, attn_ne or attn0
+        if "width" in p:
+            return p["heads"], p["width"], p["width"]
+        return p["heads"], 0 if zero_qk else p["qk"], p["v"]
+
+    width = max(2 * h * qk + h * v for h, qk, v in map(dims, grid))
     buf = torch.randn(batch, shape.tokens, width, device=device, dtype=dtype)
     fns = {}
     for i, p in enumerate(grid):
-        h, qk, v = p["heads"], 0 if zero_qk else p["qk"], p["v"]
+        h, qk, v = dims(p)
         q, k, vv, _ = buf.split([h * qk, h * qk, h * v, width - h * (2 * qk + v)], dim=-1)
         fns[str(i)] = (lambda q=q, k=k, vv=vv, h=h, qk=qk, v=v:
                        varlen_attention(q, k, vv, [qk] * h, [v] * h, scale, backend=backend))
@@ -194,9 +206,9 @@ def measure_grids(shape: TableShape, batch: int, device: torch.device | str,
         min_sample_ms = 0.5 if dev.type == "cuda" else 2.0
     jobs: list[tuple[str, int]] = []
     for be in candidates:
-        jobs += [(f"attn/{be}", math.prod(len(v) for v in pts["attn"].values())),
-                 (f"attn0/{be}", math.prod(len(v) for v in pts["attn0"].values())),
-                 (f"runs/{be}", len(pts["runs"]["runs"]) + 2)]
+        jobs += [(f"{k}/{be}", math.prod(len(v) for v in pts[k].values()))
+                 for k in ("attn_eq", "attn_ne", "attn0")]
+        jobs.append((f"runs/{be}", len(pts["runs"]["runs"]) + 2))
     jobs += [(k, len(pts[k]["width"])) for k in ("qkv", "proj", "mlp")] + [("fixed", 3)]
     t0 = time.perf_counter()
     bar = tqdm(total=sum(n for _, n in jobs), unit="pt", disable=not progress, leave=False,
@@ -206,7 +218,7 @@ def measure_grids(shape: TableShape, batch: int, device: torch.device | str,
         for name, n in jobs:
             bar.set_postfix_str(name)
             kind, _, be = name.partition("/")
-            if kind in ("attn", "attn0"):
+            if kind in ("attn_eq", "attn_ne", "attn0"):
                 axes = pts[kind]
                 grid, fns = _attention_fns(shape, batch, dev, dtype, be, axes, kind == "attn0")
                 med, iq = _time(fns, dev, repeats, min_sample_ms)

@@ -304,13 +304,13 @@ def _canonical(buckets: list[tuple[int, int, int, tuple[int, ...]]]
 
 def plan_block(block: Block, head_dim: int, objective: Callable[[tuple[Shape, ...], str], float],
                backends: Sequence[str], baseline: str, min_gain: float = 0.02,
-               widths: Sequence[int] = ()) -> tuple[BlockLayout, float]:
+               widths: Sequence[int] = (), grow: bool = True) -> tuple[BlockLayout, float]:
     """The layout of one attention layer with the lowest ``objective(shapes, backend)``.
 
     Every grouping of the distinct head shapes is tried (up to :data:`EXHAUSTIVE_SHAPES`
     shapes; beyond, pairs of buckets are merged greedily while that helps), for each backend;
-    then each bucket's widths may grow to a point of ``widths`` (a grid axis) where the table
-    says a wider run is faster. The exact layout on ``baseline`` is kept unless the best is
+    then (``grow``) each bucket's widths may grow, to equal q/k and v widths or to a point of
+    ``widths`` (a grid axis), where the table says the wider run is faster. The exact layout on ``baseline`` is kept unless the best is
     ``min_gain`` (relative) better. Returns the layout and its objective.
     """
     groups_d: dict[tuple[int, int], list[int]] = {}
@@ -351,13 +351,15 @@ def plan_block(block: Block, head_dim: int, objective: Callable[[tuple[Shape, ..
     # wider can be faster (vector widths): grow each bucket's widths to grid points
     s_best, bk_best, be_best = best
     grid = sorted({int(w) for w in widths if 0 < w <= head_dim})
-    for key in [b[3] for b in bk_best]:
+    for key in [b[3] for b in bk_best] if grow else []:
         pos = next((k for k, b in enumerate(bk_best) if b[3] == key), None)
         if pos is None:  # merged into another bucket by an earlier step
             continue
         n, qk, v, ix = bk_best[pos]
-        qks = [qk] + ([w for w in grid if w > qk] if qk > 0 else [])
-        vs = [v] + [w for w in grid if w > v]
+        # wider runs on grid points, and equal q/k and v widths (fused SDPA kernels need them)
+        qks = sorted({qk} | ({w for w in grid if w > qk} | ({v} if v > qk else set())
+                             if qk > 0 else set()))
+        vs = sorted({v} | {w for w in grid if w > v} | ({qk} if qk > v else set()))
         better = None
         for q2, v2 in itertools.product(qks, vs):
             if (q2, v2) == (qk, v):
@@ -434,7 +436,7 @@ def plan(spec: Spec, mode: str = "auto", device=None, dtype=None,
         return cache[key]
 
     blocks: list[BlockLayout | None] = []
-    widths = table.axis(shape, f"attn/{cands[0]}", "qk")
+    widths = table.axis(shape, f"attn_eq/{cands[0]}", "width")
     exact_ms = {b: 0.0 for b in want}
     chosen_ms = {b: 0.0 for b in want}
     for blk in spec.blocks:
