@@ -76,7 +76,7 @@ def _note(text: str) -> None:
 
 
 def compile(model: nn.Module, layout: str = "auto", device=None, *,  # noqa: A001 - the contract
-            batch=None) -> nn.Module:
+            batch=None, dtype=None) -> nn.Module:
     """A dense, smaller copy of a gated ``model`` that computes what its hard gates compute
     (a compact model is returned as a copy, in the layout it has).
 
@@ -84,7 +84,8 @@ def compile(model: nn.Module, layout: str = "auto", device=None, *,  # noqa: A00
     "exact" one run per distinct head shape, "padded" one run at the layer's largest widths,
     "auto" (default) the zero-padded grouping with the lowest latency predicted by the latency
     table of ``device`` (measured once per device and cached; None: the model's device if it
-    is a GPU, else the CPU), for batch sizes ``batch`` (an int or a list; default 1 and 8).
+    is a GPU, else the CPU), for batch sizes ``batch`` (an int or a list; default 1 and 8) and
+    ``dtype`` (default: the model's).
     Every layout computes the same outputs; the choice is recorded in the spec (save/load keep
     it) and shown in the attention modules' repr.
     """
@@ -103,9 +104,9 @@ def compile(model: nn.Module, layout: str = "auto", device=None, *,  # noqa: A00
     if device is None:
         device = param.device if param is not None and param.device.type == "cuda" else "cpu"
     batches = [batch] if isinstance(batch, int) else batch
-    s = a.plan_layout(s, layout, device=device,
-                      dtype=param.dtype if param is not None else None, batches=batches,
-                      log=_note)
+    if dtype is None and param is not None:
+        dtype = param.dtype
+    s = a.plan_layout(s, layout, device=device, dtype=dtype, batches=batches, log=_note)
     a.fold_gates(out)  # real-valued gates (SSS scales) live on in the weights
     out = a.build(out, s, copy_weights=True)
     if cfg is not None:

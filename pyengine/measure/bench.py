@@ -141,15 +141,16 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
 
 def load_models(model: str, spec: str | None = None, target: float | None = None,
                 seed: int = 0, model_kwargs: dict | None = None, layout: str | None = None,
-                device: str | torch.device | None = None, also_exact: bool = False
-                ) -> tuple[str, nn.Module, nn.Module | None]:
+                device: str | torch.device | None = None, also_exact: bool = False,
+                dtype=None) -> tuple[str, nn.Module, nn.Module | None]:
     """(architecture, dense, compact or None) from a timm name or a ``pyengine.save`` DIR.
 
     A DIR gives the compact model (in the layout it was saved with) and names its dense
     architecture (rebuilt with random weights: timing does not depend on them). A name gives
     the dense model; ``spec`` (a spec.json) or ``target`` (a MAC fraction: a random
     heterogeneous structure from :func:`pyengine.synthetic.heterogeneous_spec`) builds the
-    compact one, compiled in ``layout`` (default "auto", planned for ``device``). With
+    compact one, compiled in ``layout`` (default "auto", planned for ``device`` and ``dtype``).
+    With
     ``also_exact`` the result is ``(name, dense, compact, exact)``: the exact layout as well.
     """
     from pyengine import api
@@ -199,7 +200,7 @@ def load_models(model: str, spec: str | None = None, target: float | None = None
     else:
         s = heterogeneous_spec(geometry(gated), float(target), seed=seed, model=name)
     api.apply(gated, s)
-    compact = api.compile(gated, layout=layout or "auto", device=device).eval()
+    compact = api.compile(gated, layout=layout or "auto", device=device, dtype=dtype).eval()
     if also_exact:
         return name, dense, compact, api.compile(gated, layout="exact").eval()
     return name, dense, compact
@@ -209,14 +210,14 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
                    spec: str | None = None, target: float | None = None, seed: int = 0,
                    model_kwargs: dict | None = None, multiple: int = 8,
                    show: Callable[[str], None] = lambda s: None, layout: str | None = None,
-                   device: str | torch.device | None = None) -> Variants:
+                   device: str | torch.device | None = None, dtype=None) -> Variants:
     """Build every variant named in ``compare`` (plus ``compact`` whenever there is one).
 
     ``padded``, ``exact`` and ``torch-pruning`` need the compact model (its structure and its
     MACs); a variant that cannot be built here (Torch-Pruning not installed, the exact layout
     of a saved model) is recorded in ``skipped`` with the reason instead of failing the whole
-    bench. ``layout``/``device``: the compact model's head layout and the device it is planned
-    for (``pyengine.compile``).
+    bench. ``layout``/``device``/``dtype``: the compact model's head layout and the device and
+    dtype it is planned for (``pyengine.compile``).
     """
     from pyengine.measure.baselines import torch_pruning_available, torch_pruning_model
     from pyengine.cost import cost
@@ -232,7 +233,8 @@ def build_variants(model: str, compare: Sequence[str] = DEFAULT_COMPARE,
     if device is not None:
         device = resolve_device(device)
     name, dense, compact, exact = load_models(model, spec, target, seed, model_kwargs,
-                                              layout=layout, device=device, also_exact=True)
+                                              layout=layout, device=device, also_exact=True,
+                                              dtype=parse_dtype(dtype) if dtype else None)
     v = Variants(model=name, img_size=_image_shape(dense))
     needs_compact = [c for c in compare if c in ("compact", "exact", "padded",
                                                  "torch-pruning")]

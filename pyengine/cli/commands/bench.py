@@ -69,7 +69,7 @@ def run(a) -> int:
     dev = resolve_device(a.device)
     v = build_variants(a.model, a.compare, spec=a.spec, target=a.target, seed=a.seed,
                        model_kwargs=a.model_kwargs, multiple=a.multiple, show=print,
-                       layout=a.layout, device=dev)
+                       layout=a.layout, device=dev, dtype=a.dtype)
     for k in ("compact", "exact"):
         if k in v.models and a.backend != "auto":
             set_attention_backend(v.models[k], a.backend)
