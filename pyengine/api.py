@@ -67,9 +67,30 @@ def _adapters():
     return adapters()
 
 
-def compile(model: nn.Module) -> nn.Module:  # noqa: A001 - the public name is the contract
+LAYOUTS = ("auto", "exact", "padded")
+
+
+def _note(text: str) -> None:
+    import sys
+    print(f"pyengine: {text}", file=sys.stderr, flush=True)
+
+
+def compile(model: nn.Module, layout: str = "auto", device=None, *,  # noqa: A001 - the contract
+            batch=None, dtype=None) -> nn.Module:
     """A dense, smaller copy of a gated ``model`` that computes what its hard gates compute
-    (a compact model is returned as a copy)."""
+    (a compact model is returned as a copy, in the layout it has).
+
+    ``layout`` (ViTs): how each attention layer runs its kept heads (pyengine.models.vit.layout):
+    "exact" one run per distinct head shape, "padded" one run at the layer's largest widths,
+    "auto" (default) the zero-padded grouping with the lowest latency predicted by the latency
+    table of ``device`` (measured once per device and cached; None: the model's device if it
+    is a GPU, else the CPU), for batch sizes ``batch`` (an int or a list; default 1 and 8) and
+    ``dtype`` (default: the model's).
+    Every layout computes the same outputs; the choice is recorded in the spec (save/load keep
+    it) and shown in the attention modules' repr.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     a = adapter_for(model)
     s = spec(model)
     name = model_name(model)
@@ -79,6 +100,13 @@ def compile(model: nn.Module) -> nn.Module:  # noqa: A001 - the public name is t
     out.__dict__.pop("pyengine_method", None)
     if a.is_compact(model):
         return out
+    param = next(model.parameters(), None)
+    if device is None:
+        device = param.device if param is not None and param.device.type == "cuda" else "cpu"
+    batches = [batch] if isinstance(batch, int) else batch
+    if dtype is None and param is not None:
+        dtype = param.dtype
+    s = a.plan_layout(s, layout, device=device, dtype=dtype, batches=batches, log=_note)
     a.fold_gates(out)  # real-valued gates (SSS scales) live on in the weights
     out = a.build(out, s, copy_weights=True)
     if cfg is not None:
@@ -100,4 +128,4 @@ def gate_sets(model: nn.Module) -> list:
 
 
 __all__ = ["gate", "spec", "apply", "compile", "create_model", "is_compact", "is_gated",
-           "gate_sets"]
+           "gate_sets", "LAYOUTS"]

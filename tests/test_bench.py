@@ -183,3 +183,30 @@ def test_bench_deadline_skips_late_batches():
     rep = B.bench(v, [1, 2], dtype="float32", device="cpu", warmup=0, repeats=1, rounds=1,
                   show=lambda s: None, deadline=time.perf_counter() - 1)
     assert rep["results"] == [] and rep["config"]["skipped_batches"] == [1, 2]
+
+
+def test_bench_layouts_modes_and_realized(tmp_path, capsys):
+    # the compact model in the padded layout beside the exact one, two modes in one run
+    out = tmp_path / "bench.json"
+    assert main(["bench", *ARGS, "--target", "0.5", "--batch", "2", "--layout", "padded",
+                 "--compare", "dense,exact,padded", "--modes", "eager,eager", "--json",
+                 str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["config"]["modes"] == ["eager"]
+    assert rep["config"]["layout"]["mode"] == "padded"
+    res = {r["variant"]: r for r in rep["results"]}
+    assert set(res) == {"dense", "compact", "exact", "padded"}
+    assert res["compact"]["layout"]["mode"] == "padded" and res["exact"]["layout"]["mode"] == "exact"
+    # realized: speedup on the pruned structure's MACs (the exact layout's), whatever the layout
+    assert res["compact"]["structure_macs_ratio"] == pytest.approx(res["exact"]["macs_ratio"])
+    assert res["compact"]["macs"] >= res["exact"]["macs"]
+    for r in res.values():
+        assert r["realized"] == pytest.approx(r["speedup"] * r["structure_macs_ratio"])
+    assert res["dense"]["realized"] == 1.0
+    assert rep["checks"]["exact_vs_compact_rel_diff"] < 1e-5
+    assert rep["checks"]["padded_vs_compact_rel_diff"] < 1e-5
+    assert "realized" in capsys.readouterr().out
+    assert main(["bench", *ARGS, "--target", "0.5", "--batch", "1", "--modes", "fast"]) == 1
+    assert "unknown mode" in capsys.readouterr().err
+    assert main(["bench", *ARGS, "--target", "0.5", "--batch", "1", "--layout", "wide"]) == 1
+    assert "--layout must be one of" in capsys.readouterr().err

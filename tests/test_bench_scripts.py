@@ -119,3 +119,18 @@ def test_gpu_only_scripts_refuse_without_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["gpu_csrc.py", "--out", str(tmp_path)])
     assert load("gpu_csrc").main() == 2
     assert load("hiap_step_time").main(["--out", str(tmp_path)]) == 2
+
+
+def test_hiap_deit_small_spec_dry_run(tmp_path, threads, monkeypatch):
+    # the recipe on a tiny ViT for one short epoch: a valid spec of the benched geometry
+    from pyengine.structure.spec import Spec
+    mod = load("hiap_deit_small_spec")
+    out = tmp_path / "spec.json"
+    kw = {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2}
+    assert mod.main(["--out", str(out), "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                     json.dumps(kw), "--img-size", "16", "--dense-epochs", "1", "--epochs", "1",
+                     "--batch-size", "256"]) == 0
+    s = Spec.load(out)
+    assert s.model == "vit_tiny_patch16_224" and s.dense.num_tokens == 28 * 28 + 1
+    assert s.meta["made_by"] == "bench/hiap_deit_small_spec.py"
+    assert abs(s.meta["macs_ratio"] - 0.5) <= 0.03 * 0.5 + 1e-9

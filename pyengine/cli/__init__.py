@@ -16,13 +16,13 @@ import warnings
 
 # the subcommands, in the order --help lists them
 COMMANDS = ("demo", "prune", "spec", "compile", "cost", "bench", "profile", "sweep", "route",
-            "limit")
+            "limit", "latency-table")
 DEBUG_HELP = "show the full traceback of an error"
 
 
 def command(name: str):
     """The module of subcommand ``name``."""
-    return importlib.import_module(f"pyengine.cli.commands.{name}")
+    return importlib.import_module(f"pyengine.cli.commands.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -375,7 +375,7 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
                                  "models' outputs on validation images are not finite")
     log(f"compiled: compact vs hard-gated max |diff| {max_abs_diff:.2e} on validation images")
     pruned_top1 = evaluate(compact, val_loader, t.device)
-    pc = cost(compact)
+    pc = cost(s)  # the pruned structure; the compact model's head layout may pad (below)
     times["total_s"] = time.perf_counter() - t_start
     metrics = {
         "method": job.method, "model": job.model, "data": job.data, "target": b.target,
@@ -383,6 +383,7 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
         "pruned_top1_before_finetune": pruned_top1_before,
         "dense_macs": dense_cost.macs, "pruned_macs": pc.macs,
         "macs_ratio": pc.macs / dense_cost.macs,
+        "compiled_macs": cost(compact).macs,  # what the compact model computes (its layout)
         "dense_params": dense_params, "pruned_params": _params(compact),
         "epochs": t.epochs, "finetune_epochs": job.finetune,
         "max_abs_diff": max_abs_diff,

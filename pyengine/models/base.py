@@ -88,6 +88,12 @@ class Adapter:
         ``container.pyengine_spec``."""
         raise NotImplementedError
 
+    def plan_layout(self, spec, layout: str, device, dtype, batches=None, log=None):
+        """``spec`` with the run layout ``pyengine.compile`` builds it in ("auto", "exact",
+        "padded"; see :mod:`pyengine.models.vit.layout`), recorded in its meta. Families
+        without a layout choice return ``spec`` as it is."""
+        return spec
+
     def skeleton_spec(self, spec, geometry, name: str):
         """``spec`` checked against the geometry of a freshly built dense model (save/load)."""
         raise NotImplementedError

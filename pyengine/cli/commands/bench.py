@@ -27,12 +27,19 @@ def add_model_arguments(p) -> None:
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--compare", default="dense,padded,torch-pruning",
-                   help="variants besides compact: dense, padded, torch-pruning (comma list)")
+                   help="variants besides compact: dense, exact (compact in the exact layout), "
+                        "padded, torch-pruning (comma list)")
     p.add_argument("--batch", default="1,8,64,256", help="batch sizes, comma list")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (cuda only)")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant first")
+    p.add_argument("--modes", default=None,
+                   help="several modes in one run, comma list of eager, compile, graphs, "
+                        "compile+graphs (overrides --compile/--graphs)")
+    p.add_argument("--layout", default=None,
+                   help="head layout of the compact model: auto (default: planned with the "
+                        "device's latency table), exact, padded")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50, help="timed samples per variant and batch")
     p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the variants")
@@ -50,20 +57,25 @@ def run(a) -> int:
     import torch
 
     from pyengine.measure.bench import (bench, build_variants, format_report, parse_batches,
-                         set_attention_backend, write_json)
+                                        parse_modes, resolve_device, set_attention_backend,
+                                        write_json)
     if a.threads:
         torch.set_num_threads(a.threads)
     from pyengine.ops import BACKENDS
     batches = parse_batches(a.batch)  # fail early, before any model is built
+    modes = parse_modes(a.modes) if a.modes else None
     if a.backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {a.backend!r}; choose from {BACKENDS}")
+    dev = resolve_device(a.device)
     v = build_variants(a.model, a.compare, spec=a.spec, target=a.target, seed=a.seed,
-                       model_kwargs=a.model_kwargs, multiple=a.multiple, show=print)
-    if "compact" in v.models:
-        set_attention_backend(v.models["compact"], a.backend)
-    report = bench(v, batches, dtype=a.dtype, device=a.device, graphs=a.graphs,
+                       model_kwargs=a.model_kwargs, multiple=a.multiple, show=print,
+                       layout=a.layout, device=dev, dtype=a.dtype)
+    for k in ("compact", "exact"):
+        if k in v.models and a.backend != "auto":
+            set_attention_backend(v.models[k], a.backend)
+    report = bench(v, batches, dtype=a.dtype, device=dev, graphs=a.graphs,
                    compiled=a.compile, warmup=a.warmup, repeats=a.repeats, rounds=a.rounds,
-                   min_sample_ms=a.min_sample_ms, show=print)
+                   min_sample_ms=a.min_sample_ms, show=print, modes=modes)
     print(format_report(report))
     if a.json:
         print(f"wrote {write_json(report, a.json)}")

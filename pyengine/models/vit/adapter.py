@@ -137,10 +137,20 @@ class ViTAdapter(Adapter):
         fold_gates(model)
 
     def build(self, container: nn.Module, s: Spec, copy_weights: bool) -> nn.Module:
+        from pyengine.models.vit.layout import layout_of
+        layout = layout_of(s)  # the head layout pyengine.compile chose (None: exact)
         for i, b in enumerate(s.blocks):
-            container.blocks[i] = compact_block(container.blocks[i], b, copy_weights)
+            bl = layout.blocks[i] if layout is not None else None
+            container.blocks[i] = compact_block(
+                container.blocks[i], b, copy_weights, layout=bl,
+                mode=layout.mode if layout is not None else "exact",
+                planned_device=layout.device_type if layout is not None else None)
         container.pyengine_spec = s
         return container
+
+    def plan_layout(self, s: Spec, layout: str, device, dtype, batches=None, log=None) -> Spec:
+        from pyengine.models.vit.layout import plan
+        return plan(s, layout, device=device, dtype=dtype, batches=batches, log=log)
 
     def skeleton_spec(self, s: Spec, g: Geometry, name: str) -> Spec:
         if s.dense is not None and s.dense != g:

@@ -1,19 +1,25 @@
 """Compact (dense, smaller) modules that a pruned ViT compiles into.
 
 A compact block keeps only what its :class:`~pyengine.spec.Block` lists: one fused qkv
-Linear over the kept q/k/v dims of the kept heads (packed sorted by head shape, so the
-varlen-attention op sees one run per distinct shape), a proj Linear over the kept value dims,
-and a timm Mlp over the kept neurons. A removed attention or FFN branch is gone entirely:
-the block passes the residual through.
+Linear over the kept q/k/v dims of the kept heads, a proj Linear over the kept value dims, and
+a timm Mlp over the kept neurons. A removed attention or FFN branch is gone entirely: the block
+passes the residual through.
+
+The heads are packed bucket by bucket as the layer's head layout says
+(:mod:`pyengine.models.vit.layout`): each head zero-padded to its bucket's q/k and v widths, so
+the varlen-attention op sees one run per bucket. Without a layout: the exact one (one bucket
+per distinct head shape, sorted by shape, no padding).
 """
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
 
 from pyengine import ops
+from pyengine.models.vit.layout import BlockLayout, exact_block
 from pyengine.structure.spec import Block as BlockSpec
 from pyengine.structure.spec import Head
 
@@ -23,29 +29,83 @@ def packing_order(heads: tuple[Head, ...]) -> list[Head]:
     return sorted(heads, key=lambda h: (len(h.qk), len(h.v), h.index))
 
 
+@functools.lru_cache(maxsize=None)
+def _runnable(backend: str, device_type: str) -> bool:
+    """Whether the varlen_attention backend can run on this device type in this installation."""
+    from pyengine.ops.varlen_attention import OP
+    b = OP.backend(backend)
+    return b.device_reason(torch.device(device_type)) is None and b.unavailable() is None
+
+
+@torch.compiler.assume_constant_result
+def _planned_backend(backend: str, planned: str, planned_device: str, device_type: str) -> str:
+    """The backend a layer runs: an explicit one as set; under "auto", the one the layout
+    planned for this device type when it can run here, else the op's own choice."""
+    if backend != "auto" or planned in ("", "auto") or device_type != planned_device:
+        return backend
+    return planned if _runnable(planned, device_type) else "auto"
+
+
 class CompactAttention(nn.Module):
+    """Attention over the kept heads of one layer, run as the buckets of ``layout``.
+
+    ``heads`` are the kept heads (any order); ``layout`` (default: the exact one) orders them
+    into buckets and sets each head's padded widths (``qk_dims``/``v_dims``, per packed head;
+    ``kept_qk``/``kept_v`` are what the spec keeps). ``backend`` as in
+    :func:`pyengine.ops.varlen_attention`; under "auto" the layout's planned backend runs where
+    it was planned for (``planned_device``) and can run.
+    """
+
     def __init__(self, dim: int, heads: list[Head], scale: float, qkv_bias: bool = True,
-                 proj_bias: bool = True, backend: str = "auto"):
+                 proj_bias: bool = True, backend: str = "auto",
+                 layout: BlockLayout | None = None, mode: str = "exact",
+                 planned_device: str | None = None):
         super().__init__()
-        self.head_index = [h.index for h in heads]
-        self.qk_dims = [len(h.qk) for h in heads]
-        self.v_dims = [len(h.v) for h in heads]
+        by_index = {h.index: h for h in heads}
+        if layout is None:
+            layout = exact_block(BlockSpec(tuple(sorted(heads, key=lambda h: h.index))))
+        if sorted(layout.order) != sorted(by_index):
+            raise ValueError(f"layout holds heads {sorted(layout.order)}, the layer keeps "
+                             f"{sorted(by_index)}")
+        self.layout, self.mode = layout, mode
+        self.head_index = layout.order
+        self.qk_dims, self.v_dims = layout.qk_dims, layout.v_dims
+        self.kept_qk = [len(by_index[i].qk) for i in self.head_index]
+        self.kept_v = [len(by_index[i].v) for i in self.head_index]
+        if any(k > p for k, p in zip(self.kept_qk + self.kept_v, self.qk_dims + self.v_dims)):
+            raise ValueError("a bucket is narrower than the dims its heads keep")
         self.scale = float(scale)
         self.backend = backend
+        self.planned_backend = layout.backend if planned_device else "auto"
+        self.planned_device = planned_device or ""
         sqk, sv = sum(self.qk_dims), sum(self.v_dims)
         self.splits = [sqk, sqk, sv]
         self.qkv = nn.Linear(dim, 2 * sqk + sv, bias=qkv_bias)
         self.proj = nn.Linear(sv, dim, bias=proj_bias)
         self.proj_drop = nn.Identity()
 
+    def run_backend(self, device_type: str) -> str:
+        """The backend name this layer passes to the op on a ``device_type`` device."""
+        return _planned_backend(self.backend, self.planned_backend, self.planned_device,
+                                device_type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.splits, dim=-1)
         o = ops.varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale,
-                                 backend=self.backend)
+                                 backend=self.run_backend(x.device.type))
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:
-        return f"heads={self.head_index}, qk_dims={self.qk_dims}, v_dims={self.v_dims}"
+        text = f"heads={self.head_index}, qk_dims={self.qk_dims}, v_dims={self.v_dims}"
+        padded = self.kept_qk != self.qk_dims or self.kept_v != self.v_dims
+        text += f", layout={self.mode} [{self.layout.describe()}]"
+        if padded:
+            text += f", kept_qk={self.kept_qk}, kept_v={self.kept_v}"
+        if self.planned_device and self.planned_backend != "auto":
+            text += f", planned_backend={self.planned_backend} on {self.planned_device}"
+        if self.backend != "auto":
+            text += f", backend={self.backend}"
+        return text
 
 
 class CompactBlock(nn.Module):
@@ -67,13 +127,24 @@ class CompactBlock(nn.Module):
         return x
 
 
-def _rows(head: Head, which: int, H: int, Dh: int, dims) -> list[int]:
-    return [which * H * Dh + head.index * Dh + j for j in dims]
+def _padded_index(heads: list[Head], widths: list[int], kept, src) -> tuple[list[int], list[int]]:
+    """``(dst, src)`` positions that copy each head's kept dims into its padded slot (the
+    rest of the slot stays zero); ``kept(h)`` lists the kept dims, ``src(h, j)`` maps one."""
+    dst_i, src_i, off = [], [], 0
+    for h, w in zip(heads, widths):
+        ks = kept(h)
+        dst_i += range(off, off + len(ks))
+        src_i += [src(h, j) for j in ks]
+        off += w
+    return dst_i, src_i
 
 
 @torch.no_grad()
-def compact_block(block: nn.Module, bspec: BlockSpec, copy_weights: bool) -> CompactBlock:
-    """Build the compact twin of a timm (or gated) ViT block; copy gathered weights if asked."""
+def compact_block(block: nn.Module, bspec: BlockSpec, copy_weights: bool,
+                  layout: BlockLayout | None = None, mode: str = "exact",
+                  planned_device: str | None = None) -> CompactBlock:
+    """Build the compact twin of a timm (or gated) ViT block, its heads in ``layout`` (default:
+    exact); copy gathered weights (zero-padded) if asked."""
     from timm.layers import Mlp
 
     attn, mlp = block.attn, block.mlp
@@ -81,22 +152,35 @@ def compact_block(block: nn.Module, bspec: BlockSpec, copy_weights: bool) -> Com
     dim = attn.qkv.in_features
     new_attn = None
     if bspec.has_attn:
-        heads = packing_order(bspec.heads)
-        new_attn = CompactAttention(dim, heads, attn.scale, attn.qkv.bias is not None,
-                                    attn.proj.bias is not None)
+        new_attn = CompactAttention(dim, list(bspec.heads), attn.scale,
+                                    attn.qkv.bias is not None, attn.proj.bias is not None,
+                                    layout=layout, mode=mode, planned_device=planned_device)
         new_attn.proj_drop = copy.deepcopy(attn.proj_drop)
-        new_attn.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        w = attn.qkv.weight
+        new_attn.to(device=w.device, dtype=w.dtype)
         if copy_weights:
-            rows = ([r for h in heads for r in _rows(h, 0, H, Dh, h.qk)]
-                    + [r for h in heads for r in _rows(h, 1, H, Dh, h.qk)]
-                    + [r for h in heads for r in _rows(h, 2, H, Dh, h.v)])
-            cols = [h.index * Dh + j for h in heads for j in h.v]
-            ri = torch.tensor(rows, dtype=torch.long, device=attn.qkv.weight.device)
-            ci = torch.tensor(cols, dtype=torch.long, device=attn.qkv.weight.device)
-            new_attn.qkv.weight.copy_(attn.qkv.weight.index_select(0, ri))
+            by_index = {h.index: h for h in bspec.heads}
+            heads = [by_index[i] for i in new_attn.head_index]
+            sqk = sum(new_attn.qk_dims)
+            dst, src = [], []
+            for which, (widths, kept, base) in enumerate((
+                    (new_attn.qk_dims, lambda h: h.qk, 0), (new_attn.qk_dims, lambda h: h.qk, sqk),
+                    (new_attn.v_dims, lambda h: h.v, 2 * sqk))):
+                d, s_ = _padded_index(heads, widths, kept,
+                                      lambda h, j, which=which: which * H * Dh + h.index * Dh + j)
+                dst += [base + i for i in d]
+                src += s_
+            cd, cs = _padded_index(heads, new_attn.v_dims, lambda h: h.v,
+                                   lambda h, j: h.index * Dh + j)
+            dev = w.device
+            di, si = (torch.tensor(x, dtype=torch.long, device=dev) for x in (dst, src))
+            cdi, csi = (torch.tensor(x, dtype=torch.long, device=dev) for x in (cd, cs))
+            for p in new_attn.parameters():
+                p.zero_()  # padded rows and columns are zero: the padding is exact
+            new_attn.qkv.weight[di] = w.index_select(0, si)
             if attn.qkv.bias is not None:
-                new_attn.qkv.bias.copy_(attn.qkv.bias.index_select(0, ri))
-            new_attn.proj.weight.copy_(attn.proj.weight.index_select(1, ci))
+                new_attn.qkv.bias[di] = attn.qkv.bias.index_select(0, si)
+            new_attn.proj.weight[:, cdi] = attn.proj.weight.index_select(1, csi)
             if attn.proj.bias is not None:
                 new_attn.proj.bias.copy_(attn.proj.bias)
     new_mlp = None

@@ -10,6 +10,10 @@ What is counted, per transformer block with N tokens, width D, kept heads h with
 * outside the blocks: patch-embedding conv ``P*D*C*ph*pw`` over P patches, and the classifier
   ``D*num_classes`` per image (twice for distilled DeiTs, which have a second head).
 
+A compact model whose spec carries a head layout (``pyengine.compile``: heads zero-padded
+inside buckets) is costed at its bucket widths, what it really computes; :func:`total_macs` of
+a spec counts the pruned structure itself.
+
 Attention is costed as one fused kernel (flash style: Q, K, V in, output out, the N x N scores
 never reach memory) unless ``attention="math"``. The small ``*_macs`` functions are the
 formulas themselves; the differentiable expected cost (:mod:`pyengine.cost.expected`) mirrors
@@ -180,6 +184,9 @@ def cost_rows(model_or_spec: Any, row, batch: int, attention: str = "fused",
     if attention not in ("fused", "math"):
         raise ValueError(f"attention must be 'fused' or 'math', got {attention!r}")
     spec, ex = _resolve(model_or_spec)
+    # a compact model's head layout pads heads inside buckets: count what it computes
+    from pyengine.models.vit.layout import computed_spec
+    spec = computed_spec(spec)
     g = _geometry(spec)
     B, N, D, P = batch, g.num_tokens, g.embed_dim, g.num_patches
     ph, pw = g.patch_size

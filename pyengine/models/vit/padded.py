@@ -141,6 +141,8 @@ def pad_heads(compact: nn.Module, multiple: int = 1, same_qk_v: bool = False) ->
     if not isinstance(spec, Spec) or spec.dense is None:
         raise ValueError("pad_heads expects a compact model (pyengine.compile or pyengine.load); "
                          f"{type(compact).__name__} carries no pyengine_spec with dense geometry")
+    from pyengine.models.vit.layout import computed_spec
+    spec = computed_spec(spec)  # the compact layers' (bucket) widths are what gets padded
     out = copy.deepcopy(compact)
     hd = spec.dense.head_dim
     for blk in out.blocks:
