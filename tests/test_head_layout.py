@@ -220,7 +220,12 @@ def test_save_load_keeps_the_layout(tmp_path, monkeypatch):
     i = next(i for i, b in enumerate(saved["meta"]["layout"]["blocks"]) if b)
     saved["meta"]["layout"]["blocks"][i]["buckets"][0]["qk"] = 0 if \
         max(len(h["qk"]) for h in saved["blocks"][i]["heads"]) else 99
-    (tmp_path / "m" / "spec.json").write_text(json.dumps(saved))
+    # (the manifest rewritten with it, or load would refuse the edited file as damaged)
+    from pyengine.io.manifest import manifest_bytes
+    d = tmp_path / "m"
+    (d / "spec.json").write_text(json.dumps(saved))
+    (d / "manifest.json").write_bytes(manifest_bytes(
+        {n: (d / n).read_bytes() for n in ("model.safetensors", "spec.json", "config.json")}))
     with pytest.raises(SpecError, match=rf"meta.layout.blocks\[{i}\].buckets\[0\]"):
         pyengine.load(tmp_path / "m")
 
