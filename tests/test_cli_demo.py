@@ -36,9 +36,14 @@ def test_synthetic_demo_report(tmp_path):
     assert pyengine.Spec.from_json((tmp_path / "spec.json").read_text()).model == r["model"]
 
 
-def test_demo_cli_tiny_learned_run(tmp_path, capsys):
+@pytest.mark.parametrize("latency", ["off", "measured"])
+def test_demo_cli_tiny_learned_run(tmp_path, capsys, monkeypatch, latency):
     """The real demo path (digits, dense training, HiAP, compile, check, timing) on a tiny
-    model and schedule."""
+    model and schedule; "measured": as on a user's machine, compile measures this CPU's
+    latency table and plans the head layout (and attention backend) from it."""
+    if latency == "measured":
+        monkeypatch.setenv("PYENGINE_LATENCY", "on")
+        monkeypatch.setenv("PYENGINE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
     try:

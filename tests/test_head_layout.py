@@ -276,3 +276,24 @@ def test_bucket_layout_round_trip():
     bl = BlockLayout((Bucket((2, 0), 8, 16), Bucket((1,), 64, 64)), "torch")
     assert bl.order == [2, 0, 1] and bl.qk_dims == [8, 8, 64] and bl.v_dims == [16, 16, 64]
     assert bl.shapes == [(2, 8, 16), (1, 64, 64)] and bl.describe() == "2x8/16+1x64/64"
+
+
+@pytest.mark.skipif(not __import__("pyengine.ops._ext", fromlist=["x"]).available(),
+                    reason="pyengine._C is not built")
+def test_a_planned_inference_backend_gives_way_while_training():
+    # a layout planned for the C++ CPU kernel (forward only) must not stop fine-tuning or an
+    # evaluation with gradients on: training runs an autograd backend, with the same gradients
+    gated = _gated(torch.float32)
+    pyengine.apply(gated, random_spec(pyengine.geometry(gated), 3, model=NAME, p_head=1.0))
+    planned = pyengine.compile(gated, layout="exact").train()
+    plain = pyengine.compile(gated, layout="exact").train()
+    for a in _attn_layers(planned):
+        a.planned_backend, a.planned_device = "cpu", "cpu"
+        assert a.run_backend("cpu") == "cpu" and a.run_backend("cpu", True) == "auto"
+    x = torch.randn(2, 3, 32, 32)
+    planned(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for (n, p), q in zip(planned.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with torch.no_grad():  # inference keeps the planned kernel
+        torch.testing.assert_close(planned.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)

@@ -197,7 +197,8 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu",
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
+            with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES.get(amp),
+                                                 enabled=amp is not None):
                 out = model(x)
             correct += (out.argmax(-1) == y).sum().item()
             total += y.numel()

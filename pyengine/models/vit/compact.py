@@ -30,20 +30,25 @@ def packing_order(heads: tuple[Head, ...]) -> list[Head]:
 
 
 @functools.lru_cache(maxsize=None)
-def _runnable(backend: str, device_type: str) -> bool:
-    """Whether the varlen_attention backend can run on this device type in this installation."""
+def _runnable(backend: str, device_type: str, needs_grad: bool = False) -> bool:
+    """Whether the varlen_attention backend can run on this device type in this installation
+    (with a backward when ``needs_grad``)."""
     from pyengine.ops.varlen_attention import OP
     b = OP.backend(backend)
-    return b.device_reason(torch.device(device_type)) is None and b.unavailable() is None
+    return (b.device_reason(torch.device(device_type)) is None and b.unavailable() is None
+            and (b.supports_autograd or not needs_grad))
 
 
 @torch.compiler.assume_constant_result
-def _planned_backend(backend: str, planned: str, planned_device: str, device_type: str) -> str:
+def _planned_backend(backend: str, planned: str, planned_device: str, device_type: str,
+                     needs_grad: bool = False) -> str:
     """The backend a layer runs: an explicit one as set; under "auto", the one the layout
-    planned for this device type when it can run here, else the op's own choice."""
+    planned for this device type when it can run here (a planned inference-only backend
+    gives way while the model trains: fine-tuning a compiled model works), else the op's own
+    choice."""
     if backend != "auto" or planned in ("", "auto") or device_type != planned_device:
         return backend
-    return planned if _runnable(planned, device_type) else "auto"
+    return planned if _runnable(planned, device_type, needs_grad) else "auto"
 
 
 class CompactAttention(nn.Module):
@@ -84,15 +89,16 @@ class CompactAttention(nn.Module):
         self.proj = nn.Linear(sv, dim, bias=proj_bias)
         self.proj_drop = nn.Identity()
 
-    def run_backend(self, device_type: str) -> str:
+    def run_backend(self, device_type: str, needs_grad: bool = False) -> str:
         """The backend name this layer passes to the op on a ``device_type`` device."""
         return _planned_backend(self.backend, self.planned_backend, self.planned_device,
-                                device_type)
+                                device_type, needs_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        needs_grad = torch.is_grad_enabled() and q.requires_grad
         o = ops.varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale,
-                                 backend=self.run_backend(x.device.type))
+                                 backend=self.run_backend(x.device.type, needs_grad))
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:
