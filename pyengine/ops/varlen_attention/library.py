@@ -131,3 +131,5 @@ def _csrc_fake(q, k, v, qk_dims, v_dims, scales):
 
 if _ext.has_op("varlen_attention_fwd"):
     torch.library.register_fake("pyengine::varlen_attention_fwd", _csrc_fake)
+    # counted like the reference (FlopCounterMode and pyengine.cost agree whichever backend runs)
+    register_flop_formula(torch.ops.pyengine.varlen_attention_fwd)(_flops)
