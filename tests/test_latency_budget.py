@@ -325,3 +325,49 @@ def test_prune_cli_rejects_bad_budgets_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert text in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+# ---- bench and prune report predicted beside measured ----------------------------------------
+def test_bench_reports_predicted_beside_measured(tmp_path, monkeypatch, capsys):
+    import json
+    kw = {"depth": 2, "img_size": 32, "patch_size": 8}
+    g = pyengine.geometry(pyengine.create_model(NAME, **kw))
+    _install(fake_table(g), monkeypatch, tmp_path / "cache")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", NAME, "--model-kwargs", json.dumps(kw), "--dtype", "fp32",
+                 "--device", "cpu", "--warmup", "1", "--repeats", "2", "--rounds", "1",
+                 "--target", "0.5", "--compare", "dense,exact", "--layout", "exact",
+                 "--batch", "1,2", "--json", str(out)]) == 0
+    assert "pred ms" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    for r in rep["results"]:
+        assert r["predicted_ms"] is not None, r["variant"]
+        assert r["predicted_error"] == pytest.approx(r["predicted_ms"] / r["median_ms"] - 1)
+    dense = next(r for r in rep["results"] if r["variant"] == "dense" and r["batch"] == 2)
+    assert dense["predicted_ms"] == pytest.approx(
+        latency(Spec.full(g, model=NAME), batch=2, table=fake_table(g)).ms, rel=1e-9)
+
+
+def test_prune_with_a_latency_budget_records_predicted_and_measured(tmp_path, monkeypatch):
+    import json
+    kw = {"embed_dim": 16, "depth": 2, "num_heads": 2}
+    m = pyengine.create_model("digits_vit", img_size=8, num_classes=10, **kw)
+    g = pyengine.geometry(m)
+    t = fake_table(g, batches=(1, 2), attn=lambda be, b, h, qk, v: 0.002 + 1e-3 * b * h * (qk + v),
+                   linear=lambda kind, b, w: 0.001 + 1e-3 * b * w, runs=lambda be, b, k: 0.0)
+    _install(_fixed(t, g, 0.002, 0.001), monkeypatch, tmp_path / "cache")
+    lm = LatencyModel(t, g, batch=1)
+    out = tmp_path / "run"
+    assert main(["prune", "--model", "digits_vit", "--model-kwargs", json.dumps(kw),
+                 "--img-size", "8", "--batch-size", "256", "--no-progress", "--dense-epochs", "1",
+                 "--method", "magnitude", "--budget", "latency", "--target-ms",
+                 str(0.6 * lm.dense), "--latency-batches", "1,2", "--out", str(out)]) == 0
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["budget"] == "latency" and met["target"] == pytest.approx(0.6)
+    assert met["dense_predicted_ms"] == pytest.approx(lm.dense)
+    assert met["pruned_predicted_ms"] <= 0.6 * lm.dense * (1 + 1e-9)
+    lat = met["latency"]
+    for name in ("dense", "pruned"):
+        for b in ("1", "2"):
+            assert lat["predicted_ms"][name][b] > 0 and lat["measured_ms"][name][b]["median_ms"] > 0
+    assert lat["predicted_ms"]["pruned"]["1"] < lat["predicted_ms"]["dense"]["1"]

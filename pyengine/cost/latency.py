@@ -55,14 +55,15 @@ BUDGETS = ("macs", "latency")
 # --------------------------------------------------------------------------------------
 
 def table_for(geometry, device="cpu", dtype=torch.float32, batches: Sequence[int] = (1,),
-              log=None) -> LatencyTable:
+              log=None, progress: bool = True) -> LatencyTable:
     """The latency table of ``device``/``dtype`` holding ``geometry``'s shape at ``batches``
     (read from the cache, measured once if missing). A one-line error when there is none and
     measuring is off."""
     from pyengine.cost.latency_table import measuring_enabled
     dev = torch.device("cpu" if device is None else device)
     dt = as_dtype(dtype)
-    t = get_table(geometry, dev, dt, sorted({int(b) for b in batches}), log=log)
+    t = get_table(geometry, dev, dt, sorted({int(b) for b in batches}), log=log,
+                  progress=progress)
     if t is None:
         why = ("measuring is off (PYENGINE_LATENCY=off)" if not measuring_enabled()
                else "it could not be measured")
@@ -248,7 +249,7 @@ class LatencyModel:
 
     @classmethod
     def for_model(cls, model_or_geometry, device="cpu", dtype=torch.float32, batch: int = 1,
-                  log=None) -> "LatencyModel":
+                  log=None, progress: bool = True) -> "LatencyModel":
         from pyengine.models import geometry
         g = model_or_geometry
         if hasattr(g, "forward"):
@@ -257,7 +258,7 @@ class LatencyModel:
                 raise LatencyTableError(f"the latency budget covers ViTs; the "
                                         f"{adapter_for(g).name} family has no latency table yet")
             g = geometry(g)
-        return cls(table_for(g, device, dtype, (batch,), log=log), g, batch)
+        return cls(table_for(g, device, dtype, (batch,), log=log, progress=progress), g, batch)
 
     # ---- hard structures ---------------------------------------------------------------
     def attention_ms(self, qk: Sequence[int], v: Sequence[int]) -> float:

@@ -279,7 +279,7 @@ def resolve_latency_budget(budget: Budget, training: Training, model: nn.Module,
     from pyengine.cost.latency_table import LatencyTableError
     try:
         lm = LatencyModel.for_model(model, training.device, batch=int(budget.latency_batch),
-                                    log=log)
+                                    log=log, progress=bool(training.progress))
     except LatencyTableError as e:
         raise SettingError("budget", f"budget latency: {e}") from None
     if budget.target_ms is not None:
