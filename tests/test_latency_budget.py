@@ -371,3 +371,66 @@ def test_prune_with_a_latency_budget_records_predicted_and_measured(tmp_path, mo
         for b in ("1", "2"):
             assert lat["predicted_ms"][name][b] > 0 and lat["measured_ms"][name][b]["median_ms"] > 0
     assert lat["predicted_ms"]["pruned"]["1"] < lat["predicted_ms"]["dense"]["1"]
+
+
+# ---- the acceptance scripts: dry runs on tiny shapes (numbers meaningless) ----------------------
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_latency_prediction_script_dry_run(tmp_path, monkeypatch, threads):
+    import json
+    kw = {"depth": 2, "img_size": 32, "patch_size": 8}
+    g = pyengine.geometry(pyengine.create_model(NAME, **kw))
+    torch.set_num_threads(1)  # the script's threads: part of the CPU's table key
+    _install(fake_table(g, batches=(1, 2)), monkeypatch, tmp_path / "cache")
+    mod = _load_script("latency_prediction")
+    assert mod.main(["--model", NAME, "--model-kwargs", json.dumps(kw), "--structures", "2",
+                     "--batches", "1,2", "--threads", "1", "--warmup", "0", "--repeats", "2",
+                     "--rounds", "1", "--out", str(tmp_path / "pred")]) == 0
+    doc = json.loads((tmp_path / "pred.json").read_text())
+    assert len(doc["rows"]) == 4 and set(doc["summary"]) == {"1", "2", "all"}
+    for r in doc["rows"]:
+        assert r["rel_error"] == pytest.approx(r["predicted_ms"] / r["measured"]["median_ms"] - 1)
+        assert r["measured"]["repeats"] == 2
+    assert doc["env"]["threads"] == 1
+    assert "median |error|" in (tmp_path / "pred.log").read_text()
+
+
+def test_latency_budget_digits_script_dry_run(tmp_path, monkeypatch, threads):
+    import json
+    kw = {"embed_dim": 16, "depth": 2, "num_heads": 2}
+    g = pyengine.geometry(pyengine.create_model("digits_vit", img_size=8, num_classes=10, **kw))
+    torch.set_num_threads(1)  # the script's threads: part of the CPU's table key
+    t = fake_table(g, batches=(1, 2), attn=lambda be, b, h, qk, v: 0.002 + 1e-3 * b * h * (qk + v),
+                   linear=lambda kind, b, w: 0.001 + 1e-3 * b * w, runs=lambda be, b, k: 0.0)
+    _install(_fixed(t, g, 0.002, 0.001), monkeypatch, tmp_path / "cache")
+    mod = _load_script("latency_budget_digits")
+    out = tmp_path / "lb"
+    assert mod.main(["--model-kwargs", json.dumps(kw), "--img-size", "8", "--seeds", "0",
+                     "--methods", "hiap,magnitude", "--latency-targets", "0.5",
+                     "--mac-targets", "0.3,0.9", "--epochs", "1", "--dense-epochs", "1",
+                     "--batch-size", "256", "--latency-batches", "1,2", "--threads", "1",
+                     "--out", str(out)]) == 0
+    doc = json.loads((tmp_path / "lb.json").read_text())
+    assert len(doc["runs"]) == 6
+    assert {(r["method"], r["budget"]) for r in doc["runs"]} == {
+        ("hiap", "latency"), ("hiap", "macs"), ("magnitude", "latency"), ("magnitude", "macs")}
+    for r in doc["runs"]:
+        assert r["measured_ratio_b1"] == pytest.approx(r["measured_ms_b1"] / r["dense_ms_b1"])
+    assert len(doc["summary"]["budget_check"]) == 2
+    assert set(doc["summary"]["equal_latency"]) == {"hiap", "magnitude"}
+    assert (tmp_path / "lb.png").stat().st_size > 0 and (tmp_path / "lb.log").is_file()
