@@ -100,6 +100,14 @@ def test_latency_without_a_table_is_a_one_line_error(tmp_path, monkeypatch):
         pyengine.latency(_vit(), batch=0)
 
 
+def test_latency_of_a_cnn_is_a_clear_error():
+    m = pyengine.create_model("resnet18", num_classes=5)
+    with pytest.raises(LatencyTableError, match="ViTs"):
+        pyengine.latency(m)
+    with pytest.raises(LatencyTableError, match="ViTs"):
+        pyengine.latency(pyengine.spec(m))
+
+
 def test_cost_command_prints_and_records_latency(tmp_path, monkeypatch, capsys):
     import json
     m = _vit()

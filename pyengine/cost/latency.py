@@ -148,10 +148,13 @@ def latency(spec_or_model, batch: int = 1, dtype=torch.float32, device="cpu", *,
         s = plan(strip_layout(s), layout or "auto", device=device, dtype=dtype, batches=[batch],
                  table=table)
     lay = layout_of(s)
+    # a layout's planned backends apply on the device type it was planned for; elsewhere the
+    # layers run "auto" (priced as the torch path)
+    here = lay is None or lay.device_type in (None, torch.device(device or "cpu").type)
     rows = [LatencyRow("stem", "stem", table.stem_ms(s, batch))]
     for i, blk in enumerate(s.blocks):
         buckets, planned = layer_buckets(s, i, lay)
-        be = planned if planned not in (None, "auto") else "torch"
+        be = planned if here and planned not in (None, "auto") else "torch"
         if buckets:
             desc = "+".join(f"{h}x{qk}/{v}" for h, qk, v in buckets) + f" [{be}]"
             rows.append(LatencyRow(f"blocks.{i}.attn", "attention",
