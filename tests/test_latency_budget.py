@@ -374,6 +374,11 @@ def test_prune_with_a_latency_budget_records_predicted_and_measured(tmp_path, mo
     assert met["budget"] == "latency" and met["target"] == pytest.approx(0.6)
     assert met["dense_predicted_ms"] == pytest.approx(lm.dense)
     assert met["pruned_predicted_ms"] <= 0.6 * lm.dense * (1 + 1e-9)
+    # a target below the predicted floor (stem + head) fails before the dense model trains
+    rc = main(["prune", "--model", "digits_vit", "--model-kwargs", json.dumps(kw),
+               "--img-size", "8", "--no-progress", "--budget", "latency", "--target-ms",
+               str(lm.fixed / 2), "--out", str(tmp_path / "low")])
+    assert rc == 1 and not (tmp_path / "low" / "checkpoints" / "dense.safetensors").exists()
     lat = met["latency"]
     for name in ("dense", "pruned"):
         for b in ("1", "2"):

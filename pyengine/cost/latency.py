@@ -89,6 +89,15 @@ def _spec_of(x):
     return s
 
 
+def _plain(x) -> bool:
+    """A model that is neither gated nor compact (dense timm)."""
+    if not isinstance(x, torch.nn.Module):
+        return False
+    from pyengine.models import adapter_for
+    a = adapter_for(x)
+    return not (a.is_gated(x) or a.is_compact(x))
+
+
 # --------------------------------------------------------------------------------------
 # pyengine.latency: what the compiled model runs
 # --------------------------------------------------------------------------------------
@@ -134,11 +143,14 @@ def latency(spec_or_model, batch: int = 1, dtype=torch.float32, device="cpu", *,
     Spec with dense geometry, a gated, compact or dense model) on ``device`` in ``dtype``,
     from the device's latency table (measured on first use, cached). ``layout``: how the
     attention heads run ("auto" as :func:`pyengine.compile` plans it, "exact", "padded");
-    default: the spec's own layout (a compact model's), else "auto"."""
+    default: the spec's own layout (a compact model's), "exact" for a plain timm model (its
+    own attention, on the torch path), else (a spec, a gated model) "auto"."""
     from pyengine.models.vit.layout import layer_buckets, layout_of, plan, strip_layout
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     s = _spec_of(spec_or_model)
+    if layout is None and _plain(spec_or_model):
+        layout = "exact"  # a plain timm model runs its own attention: one SDPA call per layer
     if s.dense is None:
         raise LatencyTableError("the latency model needs a spec with dense geometry "
                                 "(pyengine.spec(model))")

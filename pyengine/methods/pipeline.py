@@ -31,7 +31,8 @@ from pyengine.io.atomic import write_bytes, write_json
 from pyengine.io.manifest import entry, read_verified
 from pyengine.io.weights import load_checkpoint
 from pyengine.methods.base import (Budget, MethodContext, Training, check_config,
-                                   check_geometry, check_values, get_method)
+                                   check_geometry, check_values, get_method,
+                                   resolve_latency_budget)
 
 __all__ = ["PruneJob", "run", "compact_vs_gated", "digits_recipe", "recipe_fit_kwargs",
            "check_finite"]
@@ -305,6 +306,9 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
           **(job.model_kwargs or {})}
     model = create_model(job.model, **kw).to(t.device)
     check_geometry(b, geometry(model))  # e.g. min_heads above the model's heads
+    # a latency budget: the device's table (measured once) and target_ms -> target, before
+    # any training (a target below the predicted floor fails here)
+    b, latency = resolve_latency_budget(b, t, model, log)
     times: dict[str, float] = {}
 
     # ---- the dense model: a checkpoint, a previous run's (resume), or trained here
@@ -353,7 +357,7 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
     training = copy.copy(t)
     training.checkpoint_dir = str(out / "checkpoints")
     ctx = MethodContext(b, training, teacher, train_loader, val_loader, log, img_size,
-                        run={"phase": job.method, **run_id})
+                        run={"phase": job.method, **run_id}, latency=latency)
     gated = method.prune(model, job.method_config, ctx)
     b = ctx.budget  # a latency budget's target_ms is a fraction of the dense prediction now
     times["method_s"] = time.perf_counter() - t0
@@ -423,6 +427,9 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
     if dist.is_main():  # every rank holds the same model; one writes it, metrics with it
         save(compact, out, extra_files={"metrics.json": json.dumps(metrics, indent=2) + "\n"})
     log(f"pruned top-1 {pruned_top1:.2f}% (dense {dense_top1:.2f}%), MAC ratio "
-        f"{metrics['macs_ratio']:.4f} (target {b.target}), wrote {out}/")
+        f"{metrics['macs_ratio']:.4f}"
+        + (f", predicted latency ratio {metrics['latency_ratio']:.4f}"
+           if b.budget == "latency" else "")
+        + f" (target {b.target:.4g}), wrote {out}/")
     return {"metrics": metrics, "compact": compact, "gated": gated, "dense": dense,
             "spec": s, "val_loader": val_loader, "train_loader": train_loader}

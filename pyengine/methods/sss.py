@@ -136,6 +136,7 @@ class SSSController:
         # the budget's cost of the current structure (default MACs; a latency budget: ms, and
         # dense_macs is then the dense model's predicted ms)
         self.measure = measure or (lambda m: structure_macs(m, img_size))
+        self.unit = getattr(measure, "unit", "MAC")  # what the logged ratio is of
         self.target, self.img_size, self.prune_at = target, img_size, prune_at
         self.check_every, self.tolerance, self.log = max(1, check_every), tolerance, log
         self.masks: list[torch.Tensor] | None = None  # set once frozen
@@ -195,7 +196,7 @@ class SSSController:
             g["gamma"] = 0.0
         self.event = {"step": step, "why": why, "macs_ratio": ratio,
                       "zeros": sum(int((m == 0).sum()) for m in self.masks)}
-        self.log(f"sss: structure fixed at step {step} ({why}): MAC ratio {ratio:.4f}, "
+        self.log(f"sss: structure fixed at step {step} ({why}): {self.unit} ratio {ratio:.4f}, "
                  f"{self.event['zeros']} factors zero; the rest keeps training with gamma 0")
 
     @torch.no_grad()
@@ -313,9 +314,11 @@ class SSS(Method):
 
             def measure(m):
                 return latency.spec_ms(spec_of(m))
+            measure.unit = "predicted latency"
         else:
             def measure(m):
                 return structure_macs(m)
+            measure.unit = "MAC"
         dense_macs = measure(model)
         gamma = config.gamma
         target = None if gamma is not None else float(b.target)
@@ -357,11 +360,11 @@ class SSS(Method):
         ratio = measure(model) / dense_macs
         zeros = sum(int((p == 0).sum()) for p in factors)
         log(f"sss: one pass done, {zeros}/{sum(p.numel() for p in factors)} factors exactly "
-            f"zero, MAC ratio {ratio:.4f}")
+            f"zero, {measure.unit} ratio {ratio:.4f}")
         if target is not None and ratio > target * (1 + float(b.tolerance)):
             thr = threshold_to_target(model, target, dense_macs, measure=measure)
             ratio = measure(model) / dense_macs
-            log(f"sss: final threshold |factor| < {thr:.4g} -> MAC ratio {ratio:.4f}")
+            log(f"sss: final threshold |factor| < {thr:.4g} -> {measure.unit} ratio {ratio:.4f}")
         model.pyengine_sss = {"dense_macs": dense_macs, "macs_ratio": ratio,
                               "gamma": float(gamma), "zero_factors": zeros, "fixed": ctl.event,
                               "history": ctl.history}
