@@ -6,10 +6,12 @@
     compact = pyengine.compile(model)        # dense, smaller, same outputs
     pyengine.save(compact, "out/"); compact = pyengine.load("out/")
     c = pyengine.cost(compact, batch=64, dtype=torch.bfloat16)
+    ms = pyengine.latency(compact, batch=1, device="cpu").ms   # the device's latency table
 """
 from pyengine import _aliases, ops
 from pyengine.api import apply, compile, gate, is_compact, spec
 from pyengine.cost import Cost, Peaks, cost
+from pyengine.cost.latency import Latency, latency
 from pyengine.io.model_dir import load, save
 from pyengine.methods import apg as optim
 from pyengine.models import UnsupportedModuleError, create_model, geometry
@@ -25,4 +27,5 @@ __version__ = "0.1.0"
 __all__ = ["gate", "spec", "apply", "compile", "save", "load", "cost", "Cost", "Peaks", "create_model",
            "geometry", "is_compact", "Spec", "SpecError", "Block", "Head", "Geometry",
            "UnsupportedModuleError", "available_methods", "register_gates", "ops", "optim",
-           "CnnSpec", "CnnGeometry", "ConvBlock", "make_conv_block", "__version__"]
+           "CnnSpec", "CnnGeometry", "ConvBlock", "make_conv_block", "__version__",
+           "latency", "Latency"]

@@ -276,7 +276,7 @@ RULES: dict[str, dict[str, Callable]] = {
     "spec": {"model": MODEL},
     "compile": {"model": TIMM_NAME, "spec": INPUT_FILE, "out": OUT_DIR},
     "cost": {"model": MODEL, "spec": INPUT_FILE, "batch": POS, "dtype": ANY_FLOAT,
-             "device": PEAKS, "json": OUT_FILE},
+             "device": PEAKS, "json": OUT_FILE, "latency_device": DEVICE},
     "bench": {**_MODEL_ARGS, "compare": COMPARE, "batch": BATCHES, "dtype": GPU_DTYPE,
               "device": DEVICE, "graphs": CUDA_ONLY, "warmup": NONNEG, "repeats": POS,
               "rounds": POS, "min_sample_ms": FINITE_NONNEG, "backend": OP_BACKEND,

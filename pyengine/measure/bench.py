@@ -411,6 +411,10 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
             structure[k] = v.info["structure_macs"]
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     layouts = {k: _layout_summary(m) for k, m in models.items() if k in ("compact", "exact")}
+    # predicted ms beside the measured (pyengine.latency from the cached latency table; null
+    # where there is none or the variant is no pyengine ViT)
+    from pyengine.measure.latency_report import predict
+    predicted, predicted_note = predict(models, batches, dev, dt)
     results: list[dict[str, Any]] = []
     late: list[tuple[str, int]] = []
     for mode in modes:
@@ -435,7 +439,10 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
                      **st, "macs": macs, "macs_per_image": macs1[k], "params": params[k],
                      "images_per_s": b / st["median_ms"] * 1e3, "mode": mode,
                      "graphs": mgraphs, "compile": mcompiled, "device": str(dev),
-                     "input_shape": [b, *v.img_size]}
+                     "input_shape": [b, *v.img_size],
+                     "predicted_ms": predicted.get(k, {}).get(str(b))}
+                if r["predicted_ms"] is not None:
+                    r["predicted_error"] = r["predicted_ms"] / st["median_ms"] - 1.0
                 if k in ("compact", "exact"):
                     r["attention_backend"] = attention_backend(models[k])
                     r["layout"] = layouts[k]
@@ -458,10 +465,15 @@ def bench(v: Variants, batches: Sequence[int] = (1, 8, 64, 256), dtype="bfloat16
                        "repeats": repeats, "rounds": rounds, "min_sample_ms": min_sample_ms,
                        "variants": list(models),
                        "skipped_batches": [b for m, b in late] if len(modes) == 1 else
-                       [[m, b] for m, b in late], **v.info},
+                       [[m, b] for m, b in late], "predicted_note": predicted_note,
+                       **v.info},
             "checks": checks,
             "skipped": [{"variant": k, "reason": r} for k, r in v.skipped.items()],
             "results": results}
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _layout_summary(model: nn.Module) -> dict[str, Any]:
@@ -483,7 +495,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{cfg['model']}  {cfg['dtype']}  {cfg['device']}  mode={cfg['mode']}  "
              f"({report['env'].get('gpu') or report['env'].get('cpu')})"]
     hdr = (f"{'batch':>5} {'variant':<14} {'median ms':>10} {'IQR ms':>8} {'images/s':>10} "
-           f"{'GMACs/img':>10} {'speedup':>8} {'x MACs':>7} {'realized':>8}")
+           f"{'GMACs/img':>10} {'speedup':>8} {'x MACs':>7} {'realized':>8} {'pred ms':>9}")
     modes = list(dict.fromkeys(r.get("mode", cfg["mode"]) for r in res)) or [cfg["mode"]]
     for mode in modes:
         if len(modes) > 1:
@@ -497,12 +509,15 @@ def format_report(report: dict[str, Any]) -> str:
             real = f"{r['realized']:.2f}" if "realized" in r else "-"
             lines.append(f"{r['batch']:>5} {r['variant']:<14} {r['median_ms']:>10.3f} "
                          f"{r['iqr_ms']:>8.3f} {r['images_per_s']:>10.1f} "
-                         f"{r['macs_per_image'] / 1e9:>10.3f} {sp:>8} {eff:>7} {real:>8}")
+                         f"{r['macs_per_image'] / 1e9:>10.3f} {sp:>8} {eff:>7} {real:>8} "
+                         f"{_ms(r.get('predicted_ms')):>9}")
     lay = cfg.get("layout")
     if lay:
         lines.append(f"compact layout: {lay['mode']}"
                      + (f" (planned for {lay['device']})" if lay.get("device") else "")
                      + (f"; {lay['note']}" if lay.get("note") else ""))
+    if cfg.get("predicted_note"):
+        lines.append(f"pred ms (latency table): {cfg['predicted_note']}")
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['variant']}: {s['reason']}")
     for k, val in report.get("checks", {}).items():

@@ -41,15 +41,17 @@ from pyengine.errors import SettingError
 
 __all__ = ["Budget", "Training", "MethodContext", "Method", "register_method", "get_method",
            "methods", "run_method", "split_options", "check_config", "check_values",
-           "check_geometry"]
+           "check_geometry", "resolve_latency_budget"]
 
 
 @dataclass
 class Budget:
-    """The structure to reach: ``target`` of the dense model's MACs, within ``tolerance``."""
+    """The structure to reach: ``target`` of the dense model's MACs (``budget="latency"``: of
+    its predicted latency; ``target_ms``: an absolute latency), within ``tolerance``."""
 
     target: float = field(default=0.5, metadata={
-        "help": "kept fraction of dense MACs (default 0.5)", "type": "fraction"})
+        "help": "kept fraction of the dense model's cost in the --budget unit (default 0.5 "
+                "of its MACs)", "type": "fraction"})
     tolerance: float = field(default=0.03, metadata={
         "help": "final MACs within target * (1 +- tolerance) (default 0.03)"})
     min_heads: int = field(default=1, metadata={
@@ -61,6 +63,17 @@ class Budget:
     round_to: int | None = field(default=None, metadata={
         "help": "round kept dims per head and neurons per FFN to multiples of K (e.g. 8 for "
                 "tensor cores)", "metavar": "K"})
+    # the budget's unit: MACs, or the latency predicted by the device's latency table
+    # (cost/latency.py; ViTs), on the training device in float32 at latency_batch
+    budget: str = field(default="macs", metadata={
+        "choices": ["macs", "latency"],
+        "help": "what --target is a fraction of: dense MACs (default) or the dense model's "
+                "latency predicted on --device by its latency table (ViTs)"})
+    target_ms: float | None = field(default=None, metadata={
+        "help": "absolute latency budget in ms per batch of --latency-batch images (with "
+                "--budget latency; replaces --target)", "metavar": "MS"})
+    latency_batch: int = field(default=1, metadata={
+        "help": "batch size the latency budget is predicted at (default 1)"})
 
 
 @dataclass
@@ -95,6 +108,18 @@ class MethodContext:
     log: Callable[[str], None] = print
     img_size: int | None = None  # the input side (the cost model's input for CNNs)
     run: dict | None = None  # the settings that define the run (recorded in checkpoints)
+    latency: Any = None  # budget "latency": the LatencyModel (made on first use)
+
+    def latency_model(self, model: nn.Module):
+        """The budget's latency model (None when the budget is in MACs), made on first use
+        from the device's latency table; ``target_ms`` becomes ``budget.target`` here (call it
+        before reading the budget)."""
+        if self.budget.budget != "latency":
+            return None
+        if self.latency is None:
+            self.budget, self.latency = resolve_latency_budget(self.budget, self.training,
+                                                               model, self.log)
+        return self.latency
 
     def checkpoint_dir(self, name: str) -> str | None:
         d = self.training.checkpoint_dir
@@ -200,7 +225,17 @@ def check_config(budget: Budget, training: Training) -> None:
     check_values(budget)
     check_values(training)
     if not isinstance(budget.target, (int, float)) or not 0.0 < budget.target <= 1.0:
-        bad("target", budget.target, "a fraction of dense MACs in (0, 1]")
+        bad("target", budget.target, "a fraction of the dense cost in (0, 1]")
+    if budget.budget not in ("macs", "latency"):
+        bad("budget", budget.budget, "'macs' or 'latency'")
+    if budget.target_ms is not None:
+        if budget.budget != "latency":
+            raise SettingError("target_ms", "target_ms is a latency budget: add --budget "
+                               f"latency (the budget is {budget.budget!r})")
+        if not budget.target_ms > 0:
+            bad("target_ms", budget.target_ms, "a finite number of ms > 0")
+    if not isinstance(budget.latency_batch, int) or budget.latency_batch < 1:
+        bad("latency_batch", budget.latency_batch, "a positive integer")
     if not 0.0 <= budget.tolerance < 1.0:
         bad("tolerance", budget.tolerance, "in [0, 1)")
     if not isinstance(budget.min_heads, int) or budget.min_heads < 0:
@@ -231,6 +266,38 @@ def check_config(budget: Budget, training: Training) -> None:
             bad(name, v, "an integer >= 0")
     from pyengine.train.device import check_device
     check_device(training.device, "device")
+
+
+def resolve_latency_budget(budget: Budget, training: Training, model: nn.Module,
+                           log: Callable[[str], None] | None = None):
+    """``(budget, latency model)``: the latency model of ``model`` on the training device
+    (float32, ``budget.latency_batch``) and the budget with ``target_ms`` turned into the
+    fraction ``target`` of the dense prediction. A budget in MACs comes back unchanged."""
+    if budget.budget != "latency":
+        return budget, None
+    from pyengine.cost.latency import LatencyModel
+    from pyengine.cost.latency_table import LatencyTableError
+    try:
+        lm = LatencyModel.for_model(model, training.device, batch=int(budget.latency_batch),
+                                    log=log, progress=bool(training.progress))
+    except LatencyTableError as e:
+        raise SettingError("budget", f"budget latency: {e}") from None
+    if budget.target_ms is not None:
+        ms = float(budget.target_ms)
+        if ms <= lm.fixed:
+            raise SettingError("target_ms", f"target_ms {ms:g} is at or below the predicted "
+                               f"floor {lm.fixed:.4g} ms (stem + head, batch "
+                               f"{budget.latency_batch}) on {lm.table.device}")
+        if ms > lm.dense:
+            raise SettingError("target_ms", f"target_ms {ms:g} is above the dense model's "
+                               f"predicted {lm.dense:.4g} ms (batch {budget.latency_batch}) on "
+                               f"{lm.table.device}: nothing to prune")
+        budget = dataclasses.replace(budget, target=ms / lm.dense)
+    if log:
+        log(f"latency budget: {budget.target:.4f} of the dense model's predicted "
+            f"{lm.dense:.4g} ms = {budget.target * lm.dense:.4g} ms (batch "
+            f"{budget.latency_batch}, {lm.table.device} {lm.table.dtype})")
+    return budget, lm
 
 
 def check_geometry(budget: Budget, geometry) -> None:

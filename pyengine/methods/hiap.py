@@ -210,9 +210,13 @@ class HiAPLoss:
 
     def __init__(self, target: float, budget_weight: float = 20.0, macro_weight: float = 2.0,
                  micro_weight: float = 1.0, min_heads: int = 1, min_head_dims: float = 0.0,
-                 min_ffn: float = 0.0, feasibility_weight: float = 1.0):
+                 min_ffn: float = 0.0, feasibility_weight: float = 1.0, latency=None):
         if not 0.0 < target <= 1.0:
-            raise ValueError(f"target must be a fraction of dense MACs in (0, 1], got {target!r}")
+            raise ValueError(f"target must be a fraction of the dense cost in (0, 1], got "
+                             f"{target!r}")
+        # budget "latency": a LatencyModel (cost/latency.py); the budget term is then on the
+        # expected predicted ms instead of the expected MACs
+        self.latency = latency
         for name, v in (("min_head_dims", min_head_dims), ("min_ffn", min_ffn)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} is a fraction in [0, 1], got {v!r}")
@@ -282,16 +286,30 @@ class HiAPLoss:
         sets = hiap_gate_sets(model)
         probs = [g.probs() for g in sets]
         w = lambda k: self.macro_weight if k in MACRO else self.micro_weight  # noqa: E731
-        macs = adapter_for(model).expected_macs(
-            model, [{k: _scale_grad(v, w(k)) for k, v in p.items()} for p in probs])
-        ratio = macs / self.dense_macs(model)
+        scaled = [{k: _scale_grad(v, w(k)) for k, v in p.items()} for p in probs]
+        if self.latency is not None:
+            macs = self.latency.expected(scaled)
+            ratio = macs / self.dense_latency(model)
+        else:
+            macs = adapter_for(model).expected_macs(model, scaled)
+            ratio = macs / self.dense_macs(model)
         budget = self.budget_weight * (ratio - self.target) ** 2
         if _has_heads(sets):
             feas = self.feasibility_weight * self.feasibility(model, probs=probs)
         else:
             feas = torch.zeros((), dtype=macs.dtype, device=macs.device)
         loss = (budget + feas).to(torch.float32)
-        return loss, {"emacs": float(ratio.detach()), "feas": float(feas.detach())}
+        key = "elat" if self.latency is not None else "emacs"
+        return loss, {key: float(ratio.detach()), "feas": float(feas.detach())}
+
+    def dense_latency(self, model: nn.Module) -> float:
+        """Expected ms with every gate kept (the latency model's dense prediction)."""
+        key = ("latency", id(model))
+        if key not in self._dense:
+            ones = [{k: torch.ones(v, dtype=torch.float64) for k, v in gs.shapes.items()}
+                    for gs in hiap_gate_sets(model)]
+            self._dense[key] = float(self.latency.expected(ones))
+        return self._dense[key]
 
 
 def _stackable(pairs: list) -> bool:
@@ -305,16 +323,23 @@ def _stackable(pairs: list) -> bool:
 
 
 def finalize(model: nn.Module, target: float, tolerance: float = 0.03, min_heads: int = 1,
-             min_head_dims: float = 0.0, min_ffn: float = 0.0, round_to: int | None = None):
+             min_head_dims: float = 0.0, min_ffn: float = 0.0, round_to: int | None = None,
+             latency=None):
     """Fix the final hard structure of a HiAP-trained model: start from ``sigmoid(alpha) >
     0.5``, round and make feasible, then add/remove units ranked by their logits until the
     MACs are within ``tolerance`` (relative) of ``target`` * dense (the family's projection,
-    :meth:`pyengine.models.Adapter.project`). Returns the Spec."""
+    :meth:`pyengine.models.Adapter.project`); with ``latency`` (a ViT's
+    :class:`~pyengine.cost.latency.LatencyModel`) the predicted ms instead. Returns the Spec."""
     from pyengine.models import adapter_for
     sets = hiap_gate_sets(model)
     scores = [{k: v.detach() for k, v in g.logits.items()} for g in sets]
     for g in sets:
         g.release()
+    if latency is not None:
+        from pyengine.structure.solver import project
+        return project(model, list(zip(scores[0::2], scores[1::2])), target,
+                       tolerance=tolerance, round_to=round_to, min_heads=min_heads,
+                       min_head_dims=min_head_dims, min_ffn=min_ffn, latency=latency)
     return adapter_for(model).project(model, scores, target, tolerance=tolerance,
                                       round_to=round_to, min_heads=min_heads,
                                       min_head_dims=min_head_dims, min_ffn=min_ffn)
@@ -359,6 +384,7 @@ class HiAP(Method):
         from pyengine.api import gate
         from pyengine.train.trainer import default_param_groups, fit, row_printer
 
+        latency = ctx.latency_model(model)  # None: the budget is in MACs
         b, t = ctx.budget, ctx.training
         gate(model, method="hiap", init=float(config.gate_init), tau=float(config.tau_start))
         model.to(t.device)
@@ -366,7 +392,7 @@ class HiAP(Method):
                         macro_weight=float(config.macro_weight),
                         micro_weight=float(config.micro_weight), min_heads=int(b.min_heads),
                         min_head_dims=float(b.min_head_dims), min_ffn=float(b.min_ffn),
-                        feasibility_weight=float(config.feasibility_weight))
+                        feasibility_weight=float(config.feasibility_weight), latency=latency)
         schedule = TemperatureSchedule(model, float(config.tau_start), float(config.tau_end))
         gates = gate_parameters(model)
         gate_ids = {id(p) for p in gates}
@@ -385,5 +411,5 @@ class HiAP(Method):
         model.eval()
         finalize(model, b.target, tolerance=float(b.tolerance), min_heads=int(b.min_heads),
                  min_head_dims=float(b.min_head_dims), min_ffn=float(b.min_ffn),
-                 round_to=b.round_to)
+                 round_to=b.round_to, latency=latency)
         return model

@@ -26,7 +26,7 @@ __all__ = ["OneShot", "one_shot"]
 def one_shot(model: nn.Module, criterion: str, target: float, calib=None, *, loader=None,
              calib_batches: int = 8, allocation: str = "global", granularity: str = "dim",
              min_heads: int = 1, round_to: int = 1, min_dims: int = 1, min_neurons: int = 0,
-             seed: int = 0, device="cpu"):
+             seed: int = 0, device="cpu", latency=None):
     """Gate ``model`` (in place, mask gates), score it by ``criterion`` and fix the structure
     allocated at ``target`` (kept fraction of dense MACs). Pass ``calib`` to reuse a
     calibration, or ``loader`` to run one. Returns ``(model, spec)``."""
@@ -44,7 +44,7 @@ def one_shot(model: nn.Module, criterion: str, target: float, calib=None, *, loa
     scores = score(model, criterion, calib, seed=seed)
     spec = allocate(scores, geometry(model), target, mode=allocation, granularity=granularity,
                     min_heads=min_heads, round_to=round_to, model=model_name(model),
-                    min_dims=min_dims, min_neurons=min_neurons,
+                    min_dims=min_dims, min_neurons=min_neurons, latency=latency,
                     meta={"method": criterion, "seed": seed,
                           "calib_samples": calib.samples if calib is not None else 0})
     api.apply(model, spec)
@@ -84,6 +84,7 @@ class OneShot(Method):
     def prune(self, model: nn.Module, config: "OneShot.Config", ctx: MethodContext) -> nn.Module:
         from pyengine.models import geometry
 
+        latency = ctx.latency_model(model)  # None: the budget is in MACs
         b, t = ctx.budget, ctx.training
         g = geometry(model)
         # fractions of a head's dims / of an FFN -> counts (families without heads: 1 unit)
@@ -94,7 +95,8 @@ class OneShot(Method):
             calib_batches=config.calib_batches, allocation=config.allocation,
             granularity=config.granularity, min_heads=b.min_heads, round_to=b.round_to or 1,
             min_dims=max(1, int(round(b.min_head_dims * head_dim))),
-            min_neurons=int(round(b.min_ffn * hidden)), seed=t.seed, device=t.device)
+            min_neurons=int(round(b.min_ffn * hidden)), seed=t.seed, device=t.device,
+            latency=latency)
         model.train(was_training)
         return model
 

@@ -31,7 +31,8 @@ from pyengine.io.atomic import write_bytes, write_json
 from pyengine.io.manifest import entry, read_verified
 from pyengine.io.weights import load_checkpoint
 from pyengine.methods.base import (Budget, MethodContext, Training, check_config,
-                                   check_geometry, check_values, get_method)
+                                   check_geometry, check_values, get_method,
+                                   resolve_latency_budget)
 
 __all__ = ["PruneJob", "run", "compact_vs_gated", "digits_recipe", "recipe_fit_kwargs",
            "check_finite"]
@@ -62,6 +63,9 @@ class PruneJob:
     training: Training = field(default_factory=Training)
     method_config: Any = None           # the method's Config (None: its defaults)
     overwrite: bool = False             # replace what a non-empty ``out`` holds
+    # metrics.json: predicted (latency table) and measured (timing harness) ms of the dense and
+    # pruned models on the training device at these batch sizes (empty: none)
+    latency_batches: tuple[int, ...] = (1, 64)
 
     def check(self) -> None:
         """Every setting validated before any work starts (the model's geometry is checked
@@ -108,6 +112,9 @@ class PruneJob:
                     "out", f"out {out} is not empty (it holds {', '.join(held[:4])}"
                     f"{', ...' if len(held) > 4 else ''}): pass --overwrite to replace it with "
                     "this run, or --resume to continue the run it holds")
+        if not all(isinstance(b, int) and b >= 1 for b in self.latency_batches):
+            raise SettingError("latency_batches", f"latency_batches must be positive integers, "
+                               f"got {list(self.latency_batches)!r}")
         for name in ("batch_size",):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -143,11 +150,20 @@ class PruneJob:
                 "data": data, "checkpoint": (os.path.abspath(self.checkpoint)
                                              if self.checkpoint else None),
                 "method": self.method, "method_config": asdict(self.method_config),
-                "budget": asdict(self.budget), "training": training,
+                "budget": _budget_identity(asdict(self.budget)), "training": training,
                 "img_size": self.img_size, "batch_size": self.batch_size,
                 "augment": self.augment, "dense_epochs": self.dense_epochs,
                 "finetune": self.finetune, "finetune_lr": self.finetune_lr,
                 "recipe": self.recipe}
+
+
+def _budget_identity(d: dict) -> dict:
+    """The budget's settings, the latency ones only where set (runs recorded before they
+    existed still resume)."""
+    for k, default in (("budget", "macs"), ("target_ms", None), ("latency_batch", 1)):
+        if d.get(k, default) == default:
+            d.pop(k, None)
+    return d
 
 
 def digits_recipe() -> dict:
@@ -290,6 +306,9 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
           **(job.model_kwargs or {})}
     model = create_model(job.model, **kw).to(t.device)
     check_geometry(b, geometry(model))  # e.g. min_heads above the model's heads
+    # a latency budget: the device's table (measured once) and target_ms -> target, before
+    # any training (a target below the predicted floor fails here)
+    b, latency = resolve_latency_budget(b, t, model, log)
     times: dict[str, float] = {}
 
     # ---- the dense model: a checkpoint, a previous run's (resume), or trained here
@@ -338,8 +357,9 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
     training = copy.copy(t)
     training.checkpoint_dir = str(out / "checkpoints")
     ctx = MethodContext(b, training, teacher, train_loader, val_loader, log, img_size,
-                        run={"phase": job.method, **run_id})
+                        run={"phase": job.method, **run_id}, latency=latency)
     gated = method.prune(model, job.method_config, ctx)
+    b = ctx.budget  # a latency budget's target_ms is a fraction of the dense prediction now
     times["method_s"] = time.perf_counter() - t0
     check_finite(gated, f"the model after {job.method}")
     gated.eval()
@@ -390,9 +410,26 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
         "heads_kept": sum(len(getattr(blk, "heads", ())) for blk in s.blocks),
         "seed": t.seed, "device": str(t.device), "times": times,
     }
+    if b.budget == "latency":
+        lm = ctx.latency
+        metrics.update(budget="latency", target_ms=b.target * lm.dense,
+                       latency_batch=b.latency_batch, dense_predicted_ms=lm.dense,
+                       pruned_predicted_ms=lm.spec_ms(s), latency_ratio=lm.spec_ms(s) / lm.dense)
+        if metrics["latency_ratio"] > b.target * (1 + b.tolerance):
+            log(f"warning: the predicted latency ratio {metrics['latency_ratio']:.4f} is above "
+                f"the target {b.target:.4f}: no further step lowers the table's prediction "
+                f"(a flat or noisy table; measure it on a quiet machine)")
+    if job.latency_batches:
+        from pyengine.measure.latency_report import latency_report
+        metrics["latency"] = latency_report({"dense": dense, "pruned": compact}, t.device,
+                                            job.latency_batches,
+                                            measure_table=b.budget == "latency")
     if dist.is_main():  # every rank holds the same model; one writes it, metrics with it
         save(compact, out, extra_files={"metrics.json": json.dumps(metrics, indent=2) + "\n"})
     log(f"pruned top-1 {pruned_top1:.2f}% (dense {dense_top1:.2f}%), MAC ratio "
-        f"{metrics['macs_ratio']:.4f} (target {b.target}), wrote {out}/")
+        f"{metrics['macs_ratio']:.4f}"
+        + (f", predicted latency ratio {metrics['latency_ratio']:.4f}"
+           if b.budget == "latency" else "")
+        + f" (target {b.target:.4g}), wrote {out}/")
     return {"metrics": metrics, "compact": compact, "gated": gated, "dense": dense,
             "spec": s, "val_loader": val_loader, "train_loader": train_loader}

@@ -129,10 +129,14 @@ class SSSController:
 
     def __init__(self, model: nn.Module, apg: APG, dense_macs: int, target: float | None,
                  img_size: int | None = None, prune_at: float = 0.5, check_every: int = 5,
-                 tolerance: float = 0.03, log=print):
+                 tolerance: float = 0.03, log=print, measure=None):
         if not 0.0 < prune_at <= 1.0:
             raise ValueError(f"sss: prune_at must be in (0, 1], got {prune_at!r}")
         self.model, self.apg, self.dense_macs = model, apg, dense_macs
+        # the budget's cost of the current structure (default MACs; a latency budget: ms, and
+        # dense_macs is then the dense model's predicted ms)
+        self.measure = measure or (lambda m: structure_macs(m, img_size))
+        self.unit = getattr(measure, "unit", "MAC")  # what the logged ratio is of
         self.target, self.img_size, self.prune_at = target, img_size, prune_at
         self.check_every, self.tolerance, self.log = max(1, check_every), tolerance, log
         self.masks: list[torch.Tensor] | None = None  # set once frozen
@@ -178,10 +182,11 @@ class SSSController:
             st.pop("prox", None)
             if "momentum_buffer" in st:
                 st["momentum_buffer"].zero_()
-        t = threshold_to_target(self.model, self.target, self.dense_macs, self.img_size)
+        t = threshold_to_target(self.model, self.target, self.dense_macs, self.img_size,
+                                measure=self.measure)
         for p in self._params():
             self.apg.state[p]["prox"] = p.detach().clone()
-        ratio = structure_macs(self.model, self.img_size) / self.dense_macs
+        ratio = self.measure(self.model) / self.dense_macs
         self.freeze(step, f"{why} |factor| < {t:.4g}", ratio)
 
     @torch.no_grad()
@@ -191,7 +196,7 @@ class SSSController:
             g["gamma"] = 0.0
         self.event = {"step": step, "why": why, "macs_ratio": ratio,
                       "zeros": sum(int((m == 0).sum()) for m in self.masks)}
-        self.log(f"sss: structure fixed at step {step} ({why}): MAC ratio {ratio:.4f}, "
+        self.log(f"sss: structure fixed at step {step} ({why}): {self.unit} ratio {ratio:.4f}, "
                  f"{self.event['zeros']} factors zero; the rest keeps training with gamma 0")
 
     @torch.no_grad()
@@ -230,7 +235,7 @@ class SSSController:
 
     def ratio(self) -> float:
         with self.iterate():
-            return structure_macs(self.model, self.img_size) / self.dense_macs
+            return self.measure(self.model) / self.dense_macs
 
     def finish(self) -> None:
         """The last step's gradient, then the iterate into the factors."""
@@ -244,12 +249,12 @@ class SSSController:
 
 @torch.no_grad()
 def threshold_to_target(model: nn.Module, target: float, dense_macs: int,
-                        img_size: int | None = None) -> float:
+                        img_size: int | None = None, measure=None) -> float:
     """Zero the smallest ``|factor|`` (one global threshold, :func:`pyengine.structure.solver.
     threshold`) until the structure's MACs are <= ``target * dense_macs``."""
     from pyengine.structure.solver import threshold
     return threshold(model, scale_factors(model), target, dense_macs,
-                     lambda m: structure_macs(m, img_size))
+                     measure or (lambda m: structure_macs(m, img_size)))
 
 
 # ---- the method ----------------------------------------------------------------------------
@@ -298,12 +303,23 @@ class SSS(Method):
         from pyengine.train.trainer import default_param_groups, fit
 
         self.check(config, ctx)
+        latency = ctx.latency_model(model)  # None: the budget is in MACs
         b, t, log = ctx.budget, ctx.training, ctx.log
         if ctx.img_size:
             model.pyengine_img_size = int(ctx.img_size)  # the cost model's input for CNNs
         gate(model, method="sss", dims=bool(config.sss_dims))
         model.to(t.device)
-        dense_macs = structure_macs(model)
+        if latency is not None:  # the budget's unit: predicted ms of the structure
+            from pyengine.api import spec as spec_of
+
+            def measure(m):
+                return latency.spec_ms(spec_of(m))
+            measure.unit = "predicted latency"
+        else:
+            def measure(m):
+                return structure_macs(m)
+            measure.unit = "MAC"
+        dense_macs = measure(model)
         gamma = config.gamma
         target = None if gamma is not None else float(b.target)
         factors = scale_factors(model)
@@ -327,7 +343,7 @@ class SSS(Method):
             + (f"target mode, {target} of dense MACs" if target is not None else "plain SSS"))
         ctl = SSSController(model, apg, dense_macs, target, prune_at=prune_at,
                             check_every=max(1, steps // 100), tolerance=float(b.tolerance),
-                            log=log)
+                            log=log, measure=measure)
         if b.round_to:
             log("sss: --round-to is not applied (SSS keeps what the prox leaves)")
         fit(model, ctx.train_loader, ctx.val_loader, epochs=int(t.epochs), lr=float(t.lr),
@@ -341,14 +357,14 @@ class SSS(Method):
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())))
         ctl.finish()
         model.eval()
-        ratio = structure_macs(model) / dense_macs
+        ratio = measure(model) / dense_macs
         zeros = sum(int((p == 0).sum()) for p in factors)
         log(f"sss: one pass done, {zeros}/{sum(p.numel() for p in factors)} factors exactly "
-            f"zero, MAC ratio {ratio:.4f}")
+            f"zero, {measure.unit} ratio {ratio:.4f}")
         if target is not None and ratio > target * (1 + float(b.tolerance)):
-            thr = threshold_to_target(model, target, dense_macs)
-            ratio = structure_macs(model) / dense_macs
-            log(f"sss: final threshold |factor| < {thr:.4g} -> MAC ratio {ratio:.4f}")
+            thr = threshold_to_target(model, target, dense_macs, measure=measure)
+            ratio = measure(model) / dense_macs
+            log(f"sss: final threshold |factor| < {thr:.4g} -> {measure.unit} ratio {ratio:.4f}")
         model.pyengine_sss = {"dense_macs": dense_macs, "macs_ratio": ratio,
                               "gamma": float(gamma), "zero_factors": zeros, "fixed": ctl.event,
                               "history": ctl.history}

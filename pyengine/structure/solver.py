@@ -84,11 +84,14 @@ def _ledger(g, model, **constraints):
 # ---- allocate ----------------------------------------------------------------------------------
 def allocate(scores: Sequence, g, target: float, mode: str = "global", granularity: str = "dim",
              min_heads: int = 1, round_to: int = 1, model: str | None = None,
-             meta: dict | None = None, min_dims: int = 1, min_neurons: int = 0):
+             meta: dict | None = None, min_dims: int = 1, min_neurons: int = 0,
+             latency=None):
     """A spec keeping at most ``target`` of the dense MACs, chosen by ``scores`` (higher =
     keep), for the family of geometry ``g`` (see the module docstring for ``mode`` and
     ``round_to``, the family's ledger for ``granularity`` and the constraints: ViT
-    ``min_heads``, ``min_dims`` q/k and v dims in every kept head, ``min_neurons`` per FFN)."""
+    ``min_heads``, ``min_dims`` q/k and v dims in every kept head, ``min_neurons`` per FFN).
+    ``latency``: a :class:`~pyengine.cost.latency.LatencyModel` (ViT): ``target`` is then a
+    fraction of the dense model's predicted latency, and the strategies remove by it."""
     if not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target must be the kept fraction of dense MACs in (0, 1], got "
                          f"{target!r}")
@@ -103,6 +106,8 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
         raise ValueError(f"unknown granularity {granularity!r}; choose one of "
                          f"{', '.join(ledger.granularities)}")
     ledger.check_scores(scores)
+    if latency is not None:
+        ledger = _LatencyLedger(ledger, latency)
     budget = target * ledger.dense
     if mode == "uniform":
         _uniform(ledger, ledger.uniform(scores, granularity, round_to, _order, _keep), budget)
@@ -112,6 +117,14 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
     meta = {**(meta or {}), "allocation": mode, "granularity": granularity, "target": target,
             "round_to": round_to, **ledger.meta()}
     spec = ledger.spec(meta)
+    if latency is not None:
+        ms = latency.spec_ms(spec)
+        if ms > budget * (1 + 1e-9):
+            raise AssertionError(f"allocation bug: {ms} ms over the budget {budget}")
+        return dataclasses.replace(spec, meta={
+            **meta, "budget": "latency", "latency_ms": ms, "dense_latency_ms": ledger.dense,
+            "kept_latency": ms / ledger.dense, "latency_batch": latency.batch,
+            "latency_device": latency.table.device})
     from pyengine.cost import cost
     macs = cost(spec).macs
     if macs > budget * (1 + 1e-9) + 1e-6:
@@ -119,6 +132,29 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
     # every family's spec is a frozen dataclass with a ``meta`` field
     return dataclasses.replace(spec, meta={**meta, "macs": macs, "dense_macs": ledger.dense,
                                            "kept_macs": macs / ledger.dense})
+
+
+class _LatencyLedger:
+    """A ViT ledger whose costs are predicted ms (a LatencyModel) instead of MACs."""
+
+    def __init__(self, ledger, latency):
+        if not hasattr(ledger, "layers") or not hasattr(ledger.layers[0], "heads"):
+            raise ValueError("a latency budget needs a ViT (the latency table prices ViT "
+                             "layers)")
+        self._ledger, self._lat = ledger, latency
+        self.dense = latency.dense
+
+    def __getattr__(self, name):
+        return getattr(self._ledger, name)
+
+    def block_macs(self, l: int) -> float:  # the strategies' name for a block's cost
+        lay = self._ledger.layers[l]
+        hs = lay.heads()
+        return self._lat.layer_ms([len(lay.qk[h]) for h in hs], [len(lay.v[h]) for h in hs],
+                                  len(lay.neurons))
+
+    def total(self) -> float:
+        return self._lat.fixed + sum(self.block_macs(l) for l in range(len(self._ledger.layers)))
 
 
 def allocate_cnn(scores, g, target: float, mode: str = "global", granularity: str = "channel",
@@ -246,6 +282,11 @@ class _Counts:
         v = [self.kv[h] for h in range(len(self.on)) if self.on[h]]
         return block_macs(g, qk, v, self.m)
 
+    def latency(self, model) -> float:
+        """Predicted ms of this block (a :class:`~pyengine.cost.latency.LatencyModel`)."""
+        on = [h for h in range(len(self.on)) if self.on[h]]
+        return model.layer_ms([self.kq[h] for h in on], [self.kv[h] for h in on], self.m)
+
     def moves(self, remove: bool):
         """Yield (score, apply, undo): one step of one group, scored by the mean effective keep
         probability of the units it removes (or adds)."""
@@ -288,7 +329,7 @@ class _Counts:
 def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target: float,
             tolerance: float = 0.03, min_heads: int = 1, min_head_dims: float = 0.0,
             min_ffn: float = 0.0, round_to: int | None = None,
-            threshold: float | None = 0.0) -> Spec:
+            threshold: float | None = 0.0, latency=None) -> Spec:
     """Choose the hard structure of gated ``model`` from per-unit ``scores`` (logit-like:
     larger keeps; ``sigmoid(score)`` is read as a keep probability), and apply it.
 
@@ -299,6 +340,8 @@ def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target:
     allows removing whole attention/FFN blocks). Then, while the MACs are outside
     ``target * dense * (1 +- tolerance)``, remove the step with the lowest mean effective keep
     probability (block * head * unit) that does not overshoot, or add the highest one.
+    ``latency``: a :class:`~pyengine.cost.latency.LatencyModel`: the target is then a fraction
+    of the dense model's predicted latency instead of its MACs.
     Returns the Spec (also applied to ``model`` with :func:`pyengine.apply`)."""
     from pyengine import api
     from pyengine.models import geometry, model_name
@@ -324,12 +367,16 @@ def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target:
             "min_heads": int(min_heads)}
     layers = [_Counts(g, a, m, threshold, opts) for a, m in scores]
     name = model_name(model)
-    dense_spec = Spec.full(g, model=name)
-    dense = total_macs(dense_spec)
-    fixed = total_macs(Spec(tuple(Block() for _ in range(g.depth)), model=name, dense=g))
+    if latency is None:
+        dense = total_macs(Spec.full(g, model=name))
+        fixed = total_macs(Spec(tuple(Block() for _ in range(g.depth)), model=name, dense=g))
+        layer_cost = lambda lay: lay.macs(g)  # noqa: E731
+    else:  # predicted ms of the structure (cost/latency.py)
+        dense, fixed = latency.dense, latency.fixed
+        layer_cost = lambda lay: lay.latency(latency)  # noqa: E731
     goal = target * dense
     lo, hi = goal * (1 - tolerance), goal * (1 + tolerance)
-    per = [lay.macs(g) for lay in layers]
+    per = [layer_cost(lay) for lay in layers]
     macs = fixed + sum(per)
 
     def layer_moves(i: int, remove: bool) -> list:
@@ -337,7 +384,7 @@ def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target:
         lay, out = layers[i], []
         for score, do, undo in lay.moves(remove):
             do()
-            delta = lay.macs(g) - per[i]
+            delta = layer_cost(lay) - per[i]
             undo()
             # a step that changes nothing (qk dims of a head that attends uniformly anyway)
             # or moves the wrong way is no step
@@ -367,13 +414,14 @@ def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target:
             pick = closest
         _, i, do = pick
         do()
-        per[i] = layers[i].macs(g)
+        per[i] = layer_cost(layers[i])
         macs = fixed + sum(per)
         cache.pop((i, True), None)
         cache.pop((i, False), None)
     s = Spec(tuple(lay.spec_block() for lay in layers), model=name, dense=g)
-    got = total_macs(s)
-    assert got == macs, (got, macs)  # the ledger above and the cost model agree
+    if latency is None:
+        got = total_macs(s)
+        assert got == macs, (got, macs)  # the ledger above and the cost model agree
     api.apply(model, s)
     return s
 

@@ -12,6 +12,11 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None,
                    help="peaks to classify against: cpu, h100, h200, a100")
     p.add_argument("--json", help="also write the cost as JSON here")
+    p.add_argument("--latency", action="store_true",
+                   help="also predict the latency (ms per batch) from the latency table of "
+                        "--latency-device (measured once and cached; ViTs)")
+    p.add_argument("--latency-device", default="cpu",
+                   help="torch device whose latency table predicts --latency (default cpu)")
 
 
 def run(a) -> int:
@@ -24,6 +29,14 @@ def run(a) -> int:
         pyengine.apply(model, pyengine.Spec.load(a.spec))
     c = pyengine.cost(model, batch=a.batch, dtype=a.dtype, device=a.device)
     print(c.table())
+    out = c.as_dict()
+    if a.latency:
+        from pyengine.cost.dtypes import as_dtype
+        lat = pyengine.latency(model, batch=a.batch, dtype=as_dtype(a.dtype),
+                               device=a.latency_device,
+                               log=lambda t: print(f"pyengine: {t}", flush=True))
+        print(lat.table())
+        out["latency"] = lat.as_dict()
     if a.json:
-        write_json(c.as_dict(), a.json)
+        write_json(out, a.json)
     return 0

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OUT may hold a previous run: replace it (its model stays until the "
                         "new one is written)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--latency-batches", type=_batches, default=(1, 64), metavar="B,B",
+                   help="metrics.json: predicted and measured latency of the dense and pruned "
+                        "models at these batch sizes on --device (default 1,64; '' for none)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                    "available)")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16"])
@@ -88,6 +91,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             method.Config)
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of batch sizes, got "
+                                         f"{text!r}") from None
+    if any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return out
+
+
 def job_from_flags(args) -> PruneJob:
     """The PruneJob the flags describe."""
     import torch
@@ -100,7 +114,8 @@ def job_from_flags(args) -> PruneJob:
         dense_epochs=args.dense_epochs, finetune=args.finetune, finetune_lr=args.finetune_lr,
         budget=dataclass_from_flags(Budget, args),
         training=dataclass_from_flags(Training, args, device=device, checkpoint_dir=None),
-        method_config=dataclass_from_flags(method.Config, args), overwrite=args.overwrite)
+        method_config=dataclass_from_flags(method.Config, args), overwrite=args.overwrite,
+        latency_batches=tuple(args.latency_batches))
 
 
 def run(args) -> int:
