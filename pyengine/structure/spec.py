@@ -174,21 +174,128 @@ class _JsonFile:
             f.write(self.to_json())
 
 
-@dataclass(frozen=True)
-class Spec(_JsonFile):
-    """What a pruned ViT keeps. Build with :meth:`from_json`, :meth:`from_dict`, :meth:`full`
-    or ``pyengine.spec(model)``; all of them validate."""
+class SpecBase(_JsonFile):
+    """What every spec type shares: its top-level JSON (``format``, ``family``, ``model``,
+    ``dense``, the structure list ``_body``, ``meta``) read with validation and written
+    back, the structure one line per block. A subclass is a frozen dataclass with the
+    fields (``_body``, model, dense, meta) and a ``check_geometry``."""
 
-    blocks: tuple[Block, ...]
-    model: str | None = None
-    dense: Geometry | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    family: str | None = None   # a registered family's key, written in its JSON (None: ViT, ResNet)
+    geometry_type: Any = None   # the class of ``dense``
+    _body = "blocks"            # the JSON key of the structure list ...
+    _depth = 1                  # ... a list of blocks (1) or of stages of blocks (2)
+    _body_help = "one entry per transformer block"
+    _label: str | None = None   # what errors call a spec of this type without a family
+
+    @classmethod
+    def _kind(cls) -> str:
+        name = cls.family or cls._label
+        return f"a {name} spec" if name else "a spec"
+
+    def _check_dense(self) -> None:
+        if self.dense is None:
+            return
+        if self.geometry_type is not None and not isinstance(self.dense, self.geometry_type):
+            raise SpecError(f"{self._kind()} needs a {self.geometry_type.__name__} as dense, "
+                            f"got {type(self.dense).__name__}")
+        self.check_geometry(self.dense)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and self.model is not None and \
+                _base_name(model) != _base_name(self.model):
+            raise SpecError(f"spec is for model {self.model!r}, not {model!r}")
+
+    # ---- reading -----------------------------------------------------------------------
+    @classmethod
+    def _read(cls, d: Any) -> tuple[list, Any]:
+        """Validate the top level of ``d``: its structure list and its dense geometry (or
+        None)."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
+        if cls.family is not None and d.get("family") != cls.family:
+            raise SpecError(f"{cls._kind()} needs \"family\": \"{cls.family}\", got "
+                            f"{d.get('family')!r}")
+        fmt = d.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
+        known = {"format", "model", "dense", cls._body, "meta"}
+        unknown = set(d) - known - ({"family"} if cls.family is not None else set())
+        if unknown:
+            raise SpecError(f"unknown top-level field(s) {sorted(unknown)} in {cls._kind()}")
+        if not isinstance(d.get(cls._body), list):
+            raise SpecError(f"{cls._kind()} needs a '{cls._body}' list ({cls._body_help})")
+        dense = cls.geometry_type.from_dict(d["dense"]) if d.get("dense") is not None else None
+        return d[cls._body], dense
+
+    @classmethod
+    def _make(cls, d: Mapping[str, Any], body: tuple, dense: Any):
+        model = d.get("model")
+        if model is not None and not isinstance(model, str):
+            raise SpecError(f"model: expected a timm model name, got {model!r}")
+        return cls(body, model=model, dense=dense, meta=_meta(d))
+
+    # ---- output ------------------------------------------------------------------------
+    def _body_json(self) -> list:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": FORMAT}
+        if self.family is not None:
+            d["family"] = self.family
+        d["model"] = self.model
+        if self.dense is not None:
+            d["dense"] = self.dense.to_dict()
+        d[self._body] = self._body_json()
+        if self.meta:
+            d["meta"] = dict(self.meta)
+        return d
+
+    def to_json(self) -> str:
+        """Readable JSON: one line per block, so a spec can be diffed and edited by hand."""
+        d = self.to_dict()
+        body = d.pop(self._body)
+        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
+        lines.append(f"  {json.dumps(self._body)}: [")
+        lines += _json_rows(body, "    ", self._depth)
+        lines += ["  ]", "}"]
+        return "\n".join(lines) + "\n"
+
+    def with_dense(self, g, model: str | None = None):
+        self.check_geometry(g, model)
+        return type(self)(getattr(self, self._body), model=self.model or model, dense=g,
+                          meta=self.meta)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def _json_rows(items: list, indent: str, depth: int) -> list[str]:
+    """One line per item of ``items`` (a nested list of ``depth`` levels)."""
+    out = []
+    for i, x in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        if depth > 1:
+            out += [indent + "[", *_json_rows(x, indent + "  ", depth - 1), indent + "]" + comma]
+        else:
+            out.append(indent + json.dumps(x) + comma)
+    return out
+
+
+class HeadSpecBase(SpecBase):
+    """Specs of transformer blocks (``blocks``: kept heads with their q/k and value dims, and
+    kept FFN neurons), ViT's :class:`Spec` and the EVA / BEiT / Swin families': their checks,
+    JSON and summary. A subclass says how large each dense block is (:meth:`_sizes`)."""
+
+    @classmethod
+    def _sizes(cls, dense) -> list[tuple[int, int, int]]:
+        """(heads, head_dim, FFN neurons) of every block of the dense model ``dense``."""
+        raise NotImplementedError
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        if self.dense is not None:
-            self.check_geometry(self.dense)
         for b, blk in enumerate(self.blocks):
+            if not isinstance(blk, Block):
+                raise SpecError(f"blocks[{b}]: expected a Block, got {type(blk).__name__}")
             for h, head in enumerate(blk.heads):
                 if len(head.v) == 0:
                     raise SpecError(
@@ -197,57 +304,33 @@ class Spec(_JsonFile):
             idx = [head.index for head in blk.heads]
             if len(set(idx)) != len(idx):
                 raise SpecError(f"blocks[{b}].heads: duplicate head index in {idx}")
+        self._check_dense()
 
-    # ---- construction -------------------------------------------------------------------
     @classmethod
-    def full(cls, dense: Geometry, model: str | None = None) -> "Spec":
+    def full(cls, dense, model: str | None = None):
         """The spec of the unpruned model: everything kept."""
-        dims = tuple(range(dense.head_dim))
-        heads = tuple(Head(h, dims, dims) for h in range(dense.num_heads))
-        blk = Block(heads, tuple(range(dense.mlp_hidden)))
-        return cls((blk,) * dense.depth, model=model, dense=dense)
+        blocks = []
+        for nh, hd, nm in cls._sizes(dense):
+            dims = tuple(range(hd))
+            blocks.append(Block(tuple(Head(h, dims, dims) for h in range(nh)),
+                                tuple(range(nm))))
+        return cls(tuple(blocks), model=model, dense=dense)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
-        """Validate a ViT spec; a CNN spec (it has ``stages``) comes back as a :class:`CnnSpec`."""
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
-        if cls is Spec:
-            family = d.get("family")
-            if family is not None:
-                if family not in SPEC_TYPES:
-                    from pyengine.models.base import adapters
-                    adapters()  # the families register their spec types on import
-                if family not in SPEC_TYPES:
-                    raise SpecError(f"unknown spec family {family!r}; known: "
-                                    f"{', '.join(sorted(SPEC_TYPES))}")
-                return SPEC_TYPES[family].from_dict(d)  # type: ignore[return-value]
-            if "stages" in d:
-                return CnnSpec.from_dict(d)  # type: ignore[return-value]
-        fmt = d.get("format", FORMAT)
-        if fmt != FORMAT:
-            raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
-        unknown = set(d) - {"format", "model", "dense", "blocks", "meta"}
-        if unknown:
-            raise SpecError(f"unknown top-level field(s) {sorted(unknown)}")
-        if "blocks" not in d or not isinstance(d["blocks"], list):
-            raise SpecError("a spec needs a 'blocks' list (one entry per transformer block)")
-        dense = Geometry.from_dict(d["dense"]) if d.get("dense") is not None else None
-        if dense is not None and len(d["blocks"]) != dense.depth:
-            raise SpecError(f"spec has {len(d['blocks'])} blocks but dense.depth is {dense.depth}")
-        nh = dense.num_heads if dense else None
-        hd = dense.head_dim if dense else None
-        nm = dense.mlp_hidden if dense else None
+    def _read_blocks(cls, items: list, sizes: list | None) -> tuple[Block, ...]:
+        """The ``blocks`` list of a spec's JSON, checked against per-block ``sizes`` (see
+        :meth:`_sizes`; None: unknown)."""
         blocks = []
-        for b, bd in enumerate(d["blocks"]):
+        for b, bd in enumerate(items):
             where = f"blocks[{b}]"
+            nh, hd, nm = sizes[b] if sizes is not None else (None, None, None)
             if not isinstance(bd, Mapping):
                 raise SpecError(f"{where}: expected an object with 'heads' and 'mlp'")
             unknown = set(bd) - {"heads", "mlp"}
             if unknown:
                 raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}")
             if "heads" not in bd or "mlp" not in bd:
-                raise SpecError(f"{where}: needs both 'heads' and 'mlp' ([] removes the block)")
+                raise SpecError(f"{where}: needs both 'heads' and 'mlp' ([] removes the branch)")
             if not isinstance(bd["heads"], list):
                 raise SpecError(f"{where}.heads: expected a list")
             heads = []
@@ -263,62 +346,31 @@ class Spec(_JsonFile):
                                   _index_list(hdict["v"], f"{hw}.v", hd)))
             heads.sort(key=lambda x: x.index)
             blocks.append(Block(tuple(heads), _index_list(bd["mlp"], f"{where}.mlp", nm)))
-        model = d.get("model")
-        if model is not None and not isinstance(model, str):
-            raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(blocks), model=model, dense=dense, meta=_meta(d))
+        return tuple(blocks)
 
-    # ---- output ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": FORMAT, "model": self.model}
-        if self.dense is not None:
-            d["dense"] = self.dense.to_dict()
-        d["blocks"] = [
-            {"heads": [{"index": h.index, "qk": list(h.qk), "v": list(h.v)} for h in b.heads],
-             "mlp": list(b.mlp)}
-            for b in self.blocks]
-        if self.meta:
-            d["meta"] = dict(self.meta)
-        return d
+    def _body_json(self) -> list:
+        return [{"heads": [{"index": h.index, "qk": list(h.qk), "v": list(h.v)}
+                           for h in b.heads], "mlp": list(b.mlp)} for b in self.blocks]
 
-    def to_json(self) -> str:
-        """Readable JSON: one line per block, so a spec can be diffed and edited by hand."""
-        d = self.to_dict()
-        blocks = d.pop("blocks")
-        lines = ["{"]
-        for k, v in d.items():
-            lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
-        lines.append('  "blocks": [')
-        for i, b in enumerate(blocks):
-            lines.append("    " + json.dumps(b) + ("," if i < len(blocks) - 1 else ""))
-        lines.append("  ]")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
-
-    # ---- checks and helpers --------------------------------------------------------------
-    def check_geometry(self, g: Geometry, model: str | None = None) -> None:
-        """Raise :class:`SpecError` unless this spec fits a dense model of geometry ``g``."""
-        if model is not None and self.model is not None and _base_name(model) != _base_name(self.model):
-            raise SpecError(f"spec is for model {self.model!r}, not {model!r}")
-        if len(self.blocks) != g.depth:
-            raise SpecError(f"spec has {len(self.blocks)} blocks, the model has {g.depth}")
-        for b, blk in enumerate(self.blocks):
+    def _check_sizes(self, g, model: str | None) -> None:
+        """Raise :class:`SpecError` unless every index of this spec is inside the blocks of
+        the dense model ``g``."""
+        self._check_model(model)
+        sizes = self._sizes(g)
+        if len(self.blocks) != len(sizes):
+            raise SpecError(f"spec has {len(self.blocks)} blocks, the model has {len(sizes)}")
+        for b, (blk, (nh, hd, nm)) in enumerate(zip(self.blocks, sizes)):
             for h, head in enumerate(blk.heads):
-                if head.index >= g.num_heads:
-                    raise SpecError(f"blocks[{b}].heads[{h}].index: {head.index} out of range "
-                                    f"[0, {g.num_heads})")
+                where = f"blocks[{b}].heads[{h}]"
+                if head.index >= nh:
+                    raise SpecError(f"{where}.index: {head.index} out of range [0, {nh})")
                 for name in ("qk", "v"):
                     idx = getattr(head, name)
-                    if idx and idx[-1] >= g.head_dim:
-                        raise SpecError(f"blocks[{b}].heads[{h}].{name}: index {idx[-1]} out of "
-                                        f"range [0, {g.head_dim})")
-            if blk.mlp and blk.mlp[-1] >= g.mlp_hidden:
-                raise SpecError(f"blocks[{b}].mlp: index {blk.mlp[-1]} out of range "
-                                f"[0, {g.mlp_hidden})")
-
-    def with_dense(self, g: Geometry, model: str | None = None) -> "Spec":
-        self.check_geometry(g, model)
-        return Spec(self.blocks, model=self.model or model, dense=g, meta=self.meta)
+                    if idx and idx[-1] >= hd:
+                        raise SpecError(f"{where}.{name}: index {idx[-1]} out of range "
+                                        f"[0, {hd})")
+            if blk.mlp and blk.mlp[-1] >= nm:
+                raise SpecError(f"blocks[{b}].mlp: index {blk.mlp[-1]} out of range [0, {nm})")
 
     def summary(self) -> dict[str, int]:
         return {
@@ -330,8 +382,48 @@ class Spec(_JsonFile):
             "mlp_blocks": sum(b.has_mlp for b in self.blocks),
         }
 
-    def __len__(self) -> int:
-        return len(self.blocks)
+
+@dataclass(frozen=True)
+class Spec(HeadSpecBase):
+    """What a pruned ViT keeps. Build with :meth:`from_json`, :meth:`from_dict`, :meth:`full`
+    or ``pyengine.spec(model)``; all of them validate."""
+
+    blocks: tuple[Block, ...]
+    model: str | None = None
+    dense: Geometry | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    geometry_type = Geometry
+
+    @classmethod
+    def _sizes(cls, dense: Geometry) -> list[tuple[int, int, int]]:
+        return [(dense.num_heads, dense.head_dim, dense.mlp_hidden)] * dense.depth
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
+        """Validate a ViT spec; a CNN spec (it has ``stages``) comes back as a :class:`CnnSpec`,
+        one with a ``family`` as that family's spec type."""
+        if cls is Spec and isinstance(d, Mapping):
+            family = d.get("family")
+            if family is not None:
+                if family not in SPEC_TYPES:
+                    from pyengine.models.base import adapters
+                    adapters()  # the families register their spec types on import
+                if family not in SPEC_TYPES:
+                    raise SpecError(f"unknown spec family {family!r}; known: "
+                                    f"{', '.join(sorted(SPEC_TYPES))}")
+                return SPEC_TYPES[family].from_dict(d)  # type: ignore[return-value]
+            if "stages" in d:
+                return CnnSpec.from_dict(d)  # type: ignore[return-value]
+        items, dense = cls._read(d)
+        if dense is not None and len(items) != dense.depth:
+            raise SpecError(f"spec has {len(items)} blocks but dense.depth is {dense.depth}")
+        sizes = cls._sizes(dense) if dense is not None else None
+        return cls._make(d, cls._read_blocks(items, sizes), dense)
+
+    def check_geometry(self, g: Geometry, model: str | None = None) -> None:
+        """Raise :class:`SpecError` unless this spec fits a dense model of geometry ``g``."""
+        self._check_sizes(g, model)
 
 
 def _base_name(name: str) -> str:
@@ -427,14 +519,14 @@ class ConvBlock:
         return dict(self.channels).get(slot, ())
 
 
-@dataclass(frozen=True)
-class CnnSpec(_JsonFile):
-    """What a pruned ResNet keeps (see the module docstring for the JSON form)."""
+class StageSpecBase(SpecBase):
+    """Specs of CNNs of residual-style blocks (``stages``: per block whether its branch stays
+    and the kept channels of its prunable convs), the ResNet's :class:`CnnSpec` and the
+    block-structured families': their checks, JSON and summary."""
 
-    stages: tuple[tuple[ConvBlock, ...], ...]
-    model: str | None = None
-    dense: CnnGeometry | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    _body = "stages"
+    _depth = 2
+    _body_help = "one list of blocks per stage"
 
     def __post_init__(self):
         # a removed block keeps nothing: one spelling per structure
@@ -446,10 +538,10 @@ class CnnSpec(_JsonFile):
                 for name, idx in blk.channels:
                     if len(idx) == 0:
                         raise SpecError(
-                            f"stages[{s}][{b}].channels.{name}: a kept block must keep at least "
-                            "one channel of each inner conv; set \"keep\": false to remove it")
-        if self.dense is not None:
-            self.check_geometry(self.dense)
+                            f"stages[{s}][{b}].channels.{name}: a kept block keeps at least "
+                            "one channel of each prunable conv; set \"keep\": false to remove "
+                            "its residual branch")
+        self._check_dense()
 
     @property
     def blocks(self) -> tuple[ConvBlock, ...]:
@@ -457,29 +549,10 @@ class CnnSpec(_JsonFile):
         return tuple(b for st in self.stages for b in st)
 
     @classmethod
-    def full(cls, dense: CnnGeometry, model: str | None = None) -> "CnnSpec":
-        it = iter(dense.inner)
-        stages = tuple(
-            tuple(make_conv_block(True, **{n: range(c) for n, c in zip(dense.slots, next(it))})
-                  for _ in range(n))
-            for n in dense.layers)
-        return cls(stages, model=model, dense=dense)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CnnSpec":
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
-        fmt = d.get("format", FORMAT)
-        if fmt != FORMAT:
-            raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
-        unknown = set(d) - {"format", "model", "dense", "stages", "meta"}
-        if unknown:
-            raise SpecError(f"unknown top-level field(s) {sorted(unknown)} in a CNN spec")
-        if not isinstance(d.get("stages"), list):
-            raise SpecError("a CNN spec needs a 'stages' list (one list of blocks per stage)")
-        dense = CnnGeometry.from_dict(d["dense"]) if d.get("dense") is not None else None
+    def from_dict(cls, d: Mapping[str, Any]):
+        items, dense = cls._read(d)
         stages = []
-        for s, st in enumerate(d["stages"]):
+        for s, st in enumerate(items):
             if not isinstance(st, list):
                 raise SpecError(f"stages[{s}]: expected a list of blocks, got "
                                 f"{type(st).__name__}")
@@ -496,47 +569,57 @@ class CnnSpec(_JsonFile):
                     raise SpecError(f"{where}.keep: expected true or false, got {keep!r}")
                 ch = bd.get("channels", {})
                 if not isinstance(ch, Mapping):
-                    raise SpecError(f"{where}.channels: expected an object {{conv name: [...]}}")
+                    raise SpecError(f"{where}.channels: expected an object "
+                                    "{conv name: [kept channels]}")
                 chans = tuple((name, _index_list(ch[name], f"{where}.channels.{name}", None))
                               for name in sorted(ch)) if keep else ()
                 blocks.append(ConvBlock(keep, chans))
             stages.append(tuple(blocks))
-        model = d.get("model")
-        if model is not None and not isinstance(model, str):
-            raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(stages), model=model, dense=dense, meta=_meta(d))
+        return cls._make(d, tuple(stages), dense)
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": FORMAT, "model": self.model}
-        if self.dense is not None:
-            d["dense"] = self.dense.to_dict()
-        d["stages"] = [[{"keep": b.keep, "channels": {n: list(i) for n, i in b.channels}}
-                        for b in st] for st in self.stages]
-        if self.meta:
-            d["meta"] = dict(self.meta)
-        return d
+    def _body_json(self) -> list:
+        return [[{"keep": b.keep, "channels": {n: list(i) for n, i in b.channels}}
+                 for b in st] for st in self.stages]
 
-    def to_json(self) -> str:
-        """Readable JSON: one line per residual block."""
-        d = self.to_dict()
-        stages = d.pop("stages")
-        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
-        lines.append('  "stages": [')
-        for s, st in enumerate(stages):
-            lines.append("    [")
-            for b, blk in enumerate(st):
-                lines.append("      " + json.dumps(blk) + ("," if b < len(st) - 1 else ""))
-            lines.append("    ]" + ("," if s < len(stages) - 1 else ""))
-        lines += ["  ]", "}"]
-        return "\n".join(lines) + "\n"
-
-    def check_geometry(self, g: CnnGeometry, model: str | None = None) -> None:
-        """Raise :class:`SpecError` unless this spec fits a dense ResNet of geometry ``g``."""
-        if model is not None and self.model is not None and _base_name(model) != _base_name(self.model):
-            raise SpecError(f"spec is for model {self.model!r}, not {model!r}")
+    def _check_stages(self, g, model: str | None) -> None:
+        """The checks every CNN spec makes first: the model name, blocks per stage."""
+        self._check_model(model)
         if tuple(len(st) for st in self.stages) != tuple(g.layers):
             raise SpecError(f"spec has blocks per stage {[len(st) for st in self.stages]}, the "
                             f"model has {list(g.layers)}")
+
+    def summary(self) -> dict[str, int]:
+        out = {"blocks": sum(b.keep for b in self.blocks)}
+        for b in self.blocks:
+            for name, idx in b.channels:
+                out[f"{name}_channels"] = out.get(f"{name}_channels", 0) + len(idx)
+        return out
+
+
+@dataclass(frozen=True)
+class CnnSpec(StageSpecBase):
+    """What a pruned ResNet keeps (see the module docstring for the JSON form)."""
+
+    stages: tuple[tuple[ConvBlock, ...], ...]
+    model: str | None = None
+    dense: CnnGeometry | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    geometry_type = CnnGeometry
+    _label = "CNN"
+
+    @classmethod
+    def full(cls, dense: CnnGeometry, model: str | None = None) -> "CnnSpec":
+        it = iter(dense.inner)
+        stages = tuple(
+            tuple(make_conv_block(True, **{n: range(c) for n, c in zip(dense.slots, next(it))})
+                  for _ in range(n))
+            for n in dense.layers)
+        return cls(stages, model=model, dense=dense)
+
+    def check_geometry(self, g: CnnGeometry, model: str | None = None) -> None:
+        """Raise :class:`SpecError` unless this spec fits a dense ResNet of geometry ``g``."""
+        self._check_stages(g, model)
         for i, (s, b, blk) in enumerate((s, b, blk) for s, st in enumerate(self.stages)
                                         for b, blk in enumerate(st)):
             if not blk.keep:
@@ -550,20 +633,6 @@ class CnnSpec(_JsonFile):
                 if idx and idx[-1] >= c:
                     raise SpecError(f"stages[{s}][{b}].channels.{name}: index {idx[-1]} out of "
                                     f"range [0, {c})")
-
-    def with_dense(self, g: CnnGeometry, model: str | None = None) -> "CnnSpec":
-        self.check_geometry(g, model)
-        return CnnSpec(self.stages, model=self.model or model, dense=g, meta=self.meta)
-
-    def summary(self) -> dict[str, int]:
-        out = {"blocks": sum(b.keep for b in self.blocks)}
-        for b in self.blocks:
-            for name, idx in b.channels:
-                out[f"{name}_channels"] = out.get(f"{name}_channels", 0) + len(idx)
-        return out
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
 
 def make_conv_block(keep: bool, **channels) -> ConvBlock:

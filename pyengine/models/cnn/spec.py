@@ -23,12 +23,10 @@ whole groups) and whether it can be removed.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pyengine.structure.spec import (FORMAT, ConvBlock, SpecError, _base_name, _index_list,
-                                     _JsonFile, make_conv_block)
+from pyengine.structure.spec import ConvBlock, SpecError, StageSpecBase, make_conv_block
 
 __all__ = ["SlotBlock", "BlockGeometry", "BlockSpec"]
 
@@ -114,7 +112,7 @@ class BlockGeometry:
 
 
 @dataclass(frozen=True)
-class BlockSpec(_JsonFile):
+class BlockSpec(StageSpecBase):
     """What a pruned block-structured CNN keeps (see the module docstring for the JSON form).
     Each family subclasses it (``family`` and ``geometry_type``) and registers it with
     :func:`pyengine.structure.spec.register_spec_type`."""
@@ -127,30 +125,6 @@ class BlockSpec(_JsonFile):
     family = "cnn"                 # set by register_spec_type
     geometry_type = BlockGeometry  # the family's geometry subclass
 
-    def __post_init__(self):
-        # a removed block keeps nothing: one spelling per structure
-        stages = tuple(tuple(b if b.keep else ConvBlock(False, ()) for b in st)
-                       for st in self.stages)
-        object.__setattr__(self, "stages", stages)
-        for s, st in enumerate(stages):
-            for b, blk in enumerate(st):
-                for name, idx in blk.channels:
-                    if len(idx) == 0:
-                        raise SpecError(
-                            f"stages[{s}][{b}].channels.{name}: a kept block keeps at least "
-                            "one channel; set \"keep\": false to remove a residual block")
-        if self.dense is not None:
-            if not isinstance(self.dense, self.geometry_type):
-                raise SpecError(f"a {self.family} spec needs a {self.geometry_type.__name__}, "
-                                f"got {type(self.dense).__name__}")
-            self.check_geometry(self.dense)
-
-    @property
-    def blocks(self) -> tuple[ConvBlock, ...]:
-        """All blocks, stage by stage."""
-        return tuple(b for st in self.stages for b in st)
-
-    # ---- construction -------------------------------------------------------------------
     @classmethod
     def full(cls, dense: BlockGeometry, model: str | None = None) -> "BlockSpec":
         """The spec of the unpruned model: every block and channel kept."""
@@ -165,85 +139,9 @@ class BlockSpec(_JsonFile):
             stages.append(tuple(st))
         return cls(tuple(stages), model=model, dense=dense)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BlockSpec":
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
-        fmt = d.get("format", FORMAT)
-        if fmt != FORMAT:
-            raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
-        if d.get("family", cls.family) != cls.family:
-            raise SpecError(f"this is a {d.get('family')!r} spec, not a {cls.family!r} one")
-        unknown = set(d) - {"format", "family", "model", "dense", "stages", "meta"}
-        if unknown:
-            raise SpecError(f"unknown top-level field(s) {sorted(unknown)} in a {cls.family} "
-                            "spec")
-        if not isinstance(d.get("stages"), list):
-            raise SpecError(f"a {cls.family} spec needs a 'stages' list (one list of blocks "
-                            "per stage)")
-        dense = cls.geometry_type.from_dict(d["dense"]) if d.get("dense") is not None else None
-        stages = []
-        for s, st in enumerate(d["stages"]):
-            if not isinstance(st, list):
-                raise SpecError(f"stages[{s}]: expected a list of blocks, got "
-                                f"{type(st).__name__}")
-            blocks = []
-            for b, bd in enumerate(st):
-                where = f"stages[{s}][{b}]"
-                if not isinstance(bd, Mapping):
-                    raise SpecError(f"{where}: expected an object with 'keep' and 'channels'")
-                unknown = set(bd) - {"keep", "channels"}
-                if unknown:
-                    raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}")
-                keep = bd.get("keep")
-                if not isinstance(keep, bool):
-                    raise SpecError(f"{where}.keep: expected true or false, got {keep!r}")
-                ch = bd.get("channels", {})
-                if not isinstance(ch, Mapping):
-                    raise SpecError(f"{where}.channels: expected an object {{slot: [...]}}")
-                chans = tuple((name, _index_list(ch[name], f"{where}.channels.{name}", None))
-                              for name in sorted(ch)) if keep else ()
-                blocks.append(ConvBlock(keep, chans))
-            stages.append(tuple(blocks))
-        model = d.get("model")
-        if model is not None and not isinstance(model, str):
-            raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(stages), model=model, dense=dense, meta=dict(d.get("meta") or {}))
-
-    # ---- output ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": FORMAT, "family": self.family, "model": self.model}
-        if self.dense is not None:
-            d["dense"] = self.dense.to_dict()
-        d["stages"] = [[{"keep": b.keep, "channels": {n: list(i) for n, i in b.channels}}
-                        for b in st] for st in self.stages]
-        if self.meta:
-            d["meta"] = dict(self.meta)
-        return d
-
-    def to_json(self) -> str:
-        """Readable JSON: one line per block."""
-        d = self.to_dict()
-        stages = d.pop("stages")
-        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
-        lines.append('  "stages": [')
-        for s, st in enumerate(stages):
-            lines.append("    [")
-            for b, blk in enumerate(st):
-                lines.append("      " + json.dumps(blk) + ("," if b < len(st) - 1 else ""))
-            lines.append("    ]" + ("," if s < len(stages) - 1 else ""))
-        lines += ["  ]", "}"]
-        return "\n".join(lines) + "\n"
-
-    # ---- checks and helpers --------------------------------------------------------------
     def check_geometry(self, g: BlockGeometry, model: str | None = None) -> None:
         """Raise :class:`SpecError` unless this spec fits a dense model of geometry ``g``."""
-        if model is not None and self.model is not None and \
-                _base_name(model) != _base_name(self.model):
-            raise SpecError(f"spec is for model {self.model!r}, not {model!r}")
-        if tuple(len(st) for st in self.stages) != tuple(g.layers):
-            raise SpecError(f"spec has blocks per stage {[len(st) for st in self.stages]}, the "
-                            f"model has {list(g.layers)}")
+        self._check_stages(g, model)
         it = iter(g.blocks)
         for s, st in enumerate(self.stages):
             for b, blk in enumerate(st):
@@ -264,20 +162,6 @@ class BlockSpec(_JsonFile):
                                         f"[0, {info.channels})")
                     if info.group > 1:
                         _check_groups(idx, info.group, f"{where}.channels.{name}")
-
-    def with_dense(self, g: BlockGeometry, model: str | None = None) -> "BlockSpec":
-        self.check_geometry(g, model)
-        return type(self)(self.stages, model=self.model or model, dense=g, meta=self.meta)
-
-    def summary(self) -> dict[str, int]:
-        out = {"blocks": sum(b.keep for b in self.blocks)}
-        for b in self.blocks:
-            for name, idx in b.channels:
-                out[f"{name}_channels"] = out.get(f"{name}_channels", 0) + len(idx)
-        return out
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
 
 def _check_groups(idx: tuple[int, ...], group: int, where: str) -> None:

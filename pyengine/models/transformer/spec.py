@@ -15,12 +15,10 @@ with its rotary partner (a pair is rotated together, so it is one unit), and wit
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
 
-from pyengine.structure.spec import (FORMAT, Block, Head, SpecError, _base_name, _index_list,
-                                     _JsonFile)
+from pyengine.structure.spec import Block, HeadSpecBase, SpecError
 
 __all__ = ["BlockShape", "TransformerGeometry", "TransformerSpec"]
 
@@ -142,7 +140,7 @@ class TransformerGeometry:
 
 
 @dataclass(frozen=True)
-class TransformerSpec(_JsonFile):
+class TransformerSpec(HeadSpecBase):
     """What a pruned EVA / BEiT / Swin keeps; each family subclasses it with its geometry
     type and registers it under its ``family`` key (see the module docstring)."""
 
@@ -154,136 +152,29 @@ class TransformerSpec(_JsonFile):
     geometry_type: ClassVar[Any] = None   # each family's subclass sets its geometry class
     family = "transformer"      # set by structure.spec.register_spec_type
 
-    def __post_init__(self):
-        object.__setattr__(self, "blocks", tuple(self.blocks))
-        for b, blk in enumerate(self.blocks):
-            if not isinstance(blk, Block):
-                raise SpecError(f"blocks[{b}]: expected a Block, got {type(blk).__name__}")
-            for h, head in enumerate(blk.heads):
-                if len(head.v) == 0:
-                    raise SpecError(
-                        f"blocks[{b}].heads[{h}] (head {head.index}) keeps no value dims: it adds "
-                        "nothing to the output; drop the head from the list instead")
-            idx = [head.index for head in blk.heads]
-            if len(set(idx)) != len(idx):
-                raise SpecError(f"blocks[{b}].heads: duplicate head index in {idx}")
-        if self.dense is not None:
-            if not isinstance(self.dense, self.geometry_type):
-                raise SpecError(f"a {self.family} spec needs a {self.geometry_type.__name__} as "
-                                f"dense, got {type(self.dense).__name__}")
-            self.check_geometry(self.dense)
-
-    # ---- construction ------------------------------------------------------------------
     @classmethod
-    def full(cls, dense, model: str | None = None):
-        """The spec of the unpruned model: everything kept."""
-        blocks = []
-        for sh in dense.shapes():
-            dims = tuple(range(sh.head_dim))
-            blocks.append(Block(tuple(Head(h, dims, dims) for h in range(sh.heads)),
-                                tuple(range(sh.hidden))))
-        return cls(tuple(blocks), model=model, dense=dense)
+    def _sizes(cls, dense) -> list[tuple[int, int, int]]:
+        return [(sh.heads, sh.head_dim, sh.hidden) for sh in dense.shapes()]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a spec is a JSON object, got {type(d).__name__}")
-        fam = d.get("family")
-        if fam != cls.family:
-            raise SpecError(f"a {cls.family} spec needs \"family\": \"{cls.family}\", got {fam!r}")
-        fmt = d.get("format", FORMAT)
-        if fmt != FORMAT:
-            raise SpecError(f"unsupported spec format {fmt!r}; this pyengine reads {FORMAT!r}")
-        unknown = set(d) - {"format", "family", "model", "dense", "blocks", "meta"}
-        if unknown:
-            raise SpecError(f"unknown top-level field(s) {sorted(unknown)} in a {cls.family} spec")
-        if not isinstance(d.get("blocks"), list):
-            raise SpecError(f"a {cls.family} spec needs a 'blocks' list (one entry per "
-                            "transformer block)")
-        dense = cls.geometry_type.from_dict(d["dense"]) if d.get("dense") is not None else None
-        shapes = dense.shapes() if dense is not None else None
-        if shapes is not None and len(d["blocks"]) != len(shapes):
-            raise SpecError(f"spec has {len(d['blocks'])} blocks but the dense model has "
-                            f"{len(shapes)}")
-        blocks = []
-        for b, bd in enumerate(d["blocks"]):
-            where = f"blocks[{b}]"
-            sh = shapes[b] if shapes is not None else None
-            if not isinstance(bd, Mapping):
-                raise SpecError(f"{where}: expected an object with 'heads' and 'mlp'")
-            unknown = set(bd) - {"heads", "mlp"}
-            if unknown:
-                raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}")
-            if "heads" not in bd or "mlp" not in bd:
-                raise SpecError(f"{where}: needs both 'heads' and 'mlp' ([] removes the branch)")
-            if not isinstance(bd["heads"], list):
-                raise SpecError(f"{where}.heads: expected a list")
-            nh = sh.heads if sh else None
-            hd = sh.head_dim if sh else None
-            heads = []
-            for h, hdict in enumerate(bd["heads"]):
-                hw = f"{where}.heads[{h}]"
-                if not isinstance(hdict, Mapping) or set(hdict) != {"index", "qk", "v"}:
-                    raise SpecError(f"{hw}: expected an object with exactly 'index', 'qk', 'v'")
-                index = hdict["index"]
-                if not isinstance(index, int) or isinstance(index, bool) or index < 0 or (
-                        nh is not None and index >= nh):
-                    raise SpecError(f"{hw}.index: {index!r} is not a head index in [0, {nh})")
-                heads.append(Head(index, _index_list(hdict["qk"], f"{hw}.qk", hd),
-                                  _index_list(hdict["v"], f"{hw}.v", hd)))
-            heads.sort(key=lambda x: x.index)
-            blocks.append(Block(tuple(heads), _index_list(bd["mlp"], f"{where}.mlp",
-                                                          sh.hidden if sh else None)))
-        model = d.get("model")
-        if model is not None and not isinstance(model, str):
-            raise SpecError(f"model: expected a timm model name, got {model!r}")
-        return cls(tuple(blocks), model=model, dense=dense, meta=dict(d.get("meta") or {}))
+        items, dense = cls._read(d)
+        sizes = cls._sizes(dense) if dense is not None else None
+        if sizes is not None and len(items) != len(sizes):
+            raise SpecError(f"spec has {len(items)} blocks but the dense model has "
+                            f"{len(sizes)}")
+        return cls._make(d, cls._read_blocks(items, sizes), dense)
 
-    # ---- output ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": FORMAT, "family": self.family, "model": self.model}
-        if self.dense is not None:
-            d["dense"] = self.dense.to_dict()
-        d["blocks"] = [
-            {"heads": [{"index": h.index, "qk": list(h.qk), "v": list(h.v)} for h in b.heads],
-             "mlp": list(b.mlp)}
-            for b in self.blocks]
-        if self.meta:
-            d["meta"] = dict(self.meta)
-        return d
-
-    def to_json(self) -> str:
-        """Readable JSON: one line per block."""
-        d = self.to_dict()
-        blocks = d.pop("blocks")
-        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
-        lines.append('  "blocks": [')
-        for i, b in enumerate(blocks):
-            lines.append("    " + json.dumps(b) + ("," if i < len(blocks) - 1 else ""))
-        lines += ["  ]", "}"]
-        return "\n".join(lines) + "\n"
-
-    # ---- checks and helpers --------------------------------------------------------------
     def check_geometry(self, g, model: str | None = None) -> None:
-        """Raise :class:`SpecError` unless this spec fits a dense model of geometry ``g``."""
+        """Raise :class:`SpecError` unless this spec fits a dense model of geometry ``g``:
+        every index in range, rotary pairs kept whole, all q/k dims of a head under q/k
+        norm."""
         if not isinstance(g, self.geometry_type):
             raise SpecError(f"a {self.family} spec does not fit a {type(g).__name__}")
-        if model is not None and self.model is not None and \
-                _base_name(model) != _base_name(self.model):
-            raise SpecError(f"spec is for model {self.model!r}, not {model!r}")
-        shapes = g.shapes()
-        if len(self.blocks) != len(shapes):
-            raise SpecError(f"spec has {len(self.blocks)} blocks, the model has {len(shapes)}")
-        for b, (blk, sh) in enumerate(zip(self.blocks, shapes)):
+        self._check_sizes(g, model)
+        for b, (blk, sh) in enumerate(zip(self.blocks, g.shapes())):
             for h, head in enumerate(blk.heads):
                 where = f"blocks[{b}].heads[{h}]"
-                if head.index >= sh.heads:
-                    raise SpecError(f"{where}.index: {head.index} out of range [0, {sh.heads})")
-                for name in ("qk", "v"):
-                    idx = getattr(head, name)
-                    if idx and idx[-1] >= sh.head_dim:
-                        raise SpecError(f"{where}.{name}: index {idx[-1]} out of range "
-                                        f"[0, {sh.head_dim})")
                 if sh.qk_fixed and len(head.qk) != sh.head_dim:
                     raise SpecError(f"{where}.qk: this model normalizes q and k over the whole "
                                     f"head (qk_norm), so a kept head keeps all {sh.head_dim} q/k "
@@ -295,23 +186,3 @@ class TransformerSpec(_JsonFile):
                         if partner not in kept:
                             raise SpecError(f"{where}.qk: rotary pairs are kept whole: dim {d} "
                                             f"is kept without its pair {partner}")
-            if blk.mlp and blk.mlp[-1] >= sh.hidden:
-                raise SpecError(f"blocks[{b}].mlp: index {blk.mlp[-1]} out of range "
-                                f"[0, {sh.hidden})")
-
-    def with_dense(self, g, model: str | None = None):
-        self.check_geometry(g, model)
-        return type(self)(self.blocks, model=self.model or model, dense=g, meta=self.meta)
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "heads": sum(len(b.heads) for b in self.blocks),
-            "qk_dims": sum(sum(b.qk_dims) for b in self.blocks),
-            "v_dims": sum(sum(b.v_dims) for b in self.blocks),
-            "mlp_neurons": sum(len(b.mlp) for b in self.blocks),
-            "attn_blocks": sum(b.has_attn for b in self.blocks),
-            "mlp_blocks": sum(b.has_mlp for b in self.blocks),
-        }
-
-    def __len__(self) -> int:
-        return len(self.blocks)
