@@ -27,7 +27,7 @@ compiles to ``nn.Identity``. Channel lists of a removed block are ignored (store
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 FORMAT = "pyengine.spec/1"
@@ -43,6 +43,18 @@ def _meta(d: Mapping[str, Any]) -> dict:
     if meta is not None and not isinstance(meta, Mapping):
         raise SpecError(f"meta: expected a JSON object, got {meta!r}")
     return dict(meta or {})
+
+
+def dense_fields(cls, d: Any) -> dict[str, Any]:
+    """A copy of ``d``, a spec's ``dense`` object for the geometry dataclass ``cls``, once its
+    field names are checked."""
+    if not isinstance(d, Mapping):
+        raise SpecError(f"dense: expected an object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise SpecError(f"dense: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    return dict(d)
 
 
 @dataclass(frozen=True)
@@ -68,12 +80,8 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Geometry":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"dense: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        kw = dense_fields(cls, d)
         try:
-            kw = dict(d)
             if "patch_size" in kw:
                 kw["patch_size"] = tuple(int(p) for p in kw["patch_size"])
             g = cls(**kw)
@@ -489,14 +497,8 @@ class CnnGeometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CnnGeometry":
-        if not isinstance(d, Mapping):
-            raise SpecError(f"dense: expected an object, got {type(d).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"dense: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        kw = dense_fields(cls, d)
         try:
-            kw = dict(d)
             kw["layers"] = tuple(int(x) for x in kw["layers"])
             kw["inner"] = tuple(tuple(int(x) for x in c) for c in kw["inner"])
             kw["downsample"] = tuple(bool(x) for x in kw["downsample"])

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pyengine.structure.spec import ConvBlock, SpecError, StageSpecBase, make_conv_block
+from pyengine.structure.spec import (ConvBlock, SpecError, StageSpecBase, dense_fields,
+                                     make_conv_block)
 
 __all__ = ["SlotBlock", "BlockGeometry", "BlockSpec"]
 
@@ -85,14 +86,8 @@ class BlockGeometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BlockGeometry":
-        if not isinstance(d, Mapping):
-            raise SpecError(f"dense: expected an object, got {type(d).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"dense: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        kw = dense_fields(cls, d)
         try:
-            kw = dict(d)
             kw["layers"] = tuple(int(x) for x in kw["layers"])
             blocks = []
             for i, b in enumerate(kw["blocks"]):

@@ -18,7 +18,7 @@ import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
 
-from pyengine.structure.spec import Block, HeadSpecBase, SpecError
+from pyengine.structure.spec import Block, HeadSpecBase, SpecError, dense_fields
 
 __all__ = ["BlockShape", "TransformerGeometry", "TransformerSpec"]
 
@@ -117,14 +117,9 @@ class TransformerGeometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
-        if not isinstance(d, Mapping):
-            raise SpecError(f"dense: expected an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"dense: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        kw = dense_fields(cls, d)
         try:
-            g = cls(**{k: _tuples(v) for k, v in d.items()})
+            g = cls(**{k: _tuples(v) for k, v in kw.items()})
         except TypeError as e:
             raise SpecError(f"dense: {e}") from None
         for name in cls._POSITIVE:
