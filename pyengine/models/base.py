@@ -95,8 +95,15 @@ class Adapter:
         return spec
 
     def skeleton_spec(self, spec, geometry, name: str):
-        """``spec`` checked against the geometry of a freshly built dense model (save/load)."""
-        raise NotImplementedError
+        """``spec`` checked against the geometry of a freshly built dense model (save/load),
+        with its geometry and model name filled in."""
+        from pyengine.structure.spec import SpecError
+        if spec.dense is not None and spec.dense != geometry:
+            raise SpecError(f"spec was made for geometry {spec.dense}, the rebuilt model is "
+                            f"{geometry}")
+        # the spec's own geometry where it has one: it keeps what the comparison leaves out
+        # (a CNN's img_size and timm kwargs, which its cost model reads)
+        return spec.with_dense(spec.dense or geometry, name)
 
     def dense_config(self, model: nn.Module, name: str | None) -> dict:
         """``{"architecture", "kwargs"}`` that rebuild the dense container with timm: what

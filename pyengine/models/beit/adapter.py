@@ -109,15 +109,9 @@ class BeitAdapter(TransformerAdapter):
     def geometry(self, model: nn.Module) -> BeitGeometry:
         return geometry(model)
 
-    def block_slots(self, model: nn.Module) -> list:
-        return [(model.blocks, i) for i in range(len(model.blocks))]
-
     def compact_block(self, block, b, sh, copy_weights: bool, opts: dict):
         return token_compact_block(block, b, sh, copy_weights)
 
     def cost_rows(self, spec, row, batch: int, attention: str) -> None:
         token_cost_rows(spec, row, batch, attention)
 
-    def dense_kwargs(self, model: nn.Module, g) -> dict:
-        return {"num_classes": g.num_classes, "in_chans": g.in_chans,
-                "img_size": list(model.patch_embed.img_size)}

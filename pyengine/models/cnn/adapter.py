@@ -9,8 +9,6 @@ from torch import nn
 from pyengine.models.base import Adapter
 from pyengine.models.cnn.family import Family
 from pyengine.models.cnn.spec import BlockGeometry, BlockSpec
-from pyengine.models.factory import remembered_config
-from pyengine.structure.spec import SpecError
 
 __all__ = ["BlockAdapter"]
 
@@ -52,22 +50,9 @@ class BlockAdapter(Adapter):
     def build(self, container: nn.Module, s: BlockSpec, copy_weights: bool) -> nn.Module:
         return self.family.build(container, s, copy_weights)
 
-    def skeleton_spec(self, s: BlockSpec, g: BlockGeometry, name: str) -> BlockSpec:
-        if s.dense is not None and s.dense != g:
-            raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
-        s.check_geometry(g, name)
-        return type(s)(s.stages, model=s.model or name, dense=s.dense or g, meta=s.meta)
-
-    def dense_config(self, model: nn.Module, name: str | None) -> dict:
-        cfg = remembered_config(model)
-        if cfg:
-            return cfg
-        if name is None:
-            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
-                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
+    def rebuild_kwargs(self, model: nn.Module) -> dict:
         g = self.geometry(model)
-        return {"architecture": name, "kwargs": {"num_classes": g.num_classes,
-                                                 "in_chans": g.in_chans}}
+        return {"num_classes": g.num_classes, "in_chans": g.in_chans}
 
     def block_paths(self, model: nn.Module) -> list[str]:
         """The module path of every block (``stages.0.blocks.1``), stage by stage."""

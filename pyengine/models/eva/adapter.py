@@ -128,9 +128,6 @@ class EvaAdapter(TransformerAdapter):
     def geometry(self, model: nn.Module) -> EvaGeometry:
         return geometry(model)
 
-    def block_slots(self, model: nn.Module) -> list:
-        return [(model.blocks, i) for i in range(len(model.blocks))]
-
     def attn_options(self, model: nn.Module) -> dict:
         g = self.geometry(model)
         return {"rope_half": None if g.rope == "none" else g.rope == "half",
@@ -142,6 +139,3 @@ class EvaAdapter(TransformerAdapter):
     def cost_rows(self, spec, row, batch: int, attention: str) -> None:
         token_cost_rows(spec, row, batch, attention)
 
-    def dense_kwargs(self, model: nn.Module, g) -> dict:
-        return {"num_classes": g.num_classes, "in_chans": g.in_chans,
-                "img_size": list(model.patch_embed.img_size)}

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyengine.models.base import Adapter, register_adapter
 from pyengine.models.resnet import blocks
-from pyengine.structure.spec import CnnGeometry, CnnSpec, SpecError
+from pyengine.structure.spec import CnnGeometry, CnnSpec
 
 
 @register_adapter
@@ -54,12 +54,6 @@ class ResNetAdapter(Adapter):
     def build(self, container: nn.Module, s: CnnSpec, copy_weights: bool) -> nn.Module:
         return blocks.build(container, s, copy_weights)
 
-    def skeleton_spec(self, s: CnnSpec, g: CnnGeometry, name: str) -> CnnSpec:
-        if s.dense is not None and s.dense != g:
-            raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
-        s.check_geometry(g, name)
-        return CnnSpec(s.stages, model=s.model or name, dense=s.dense or g, meta=s.meta)
-
     def rebuild_kwargs(self, model: nn.Module) -> dict:
         g = blocks.geometry(model)
         return {"num_classes": g.num_classes, "in_chans": g.in_chans}
@@ -83,13 +77,13 @@ class ResNetAdapter(Adapter):
 
     def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
                 round_to: int | None = None, **constraints) -> CnnSpec:
-        """HiAP's final structure (see :func:`pyengine.models.cnn.ledger.project_blocks`): per
+        """HiAP's final structure (see :func:`pyengine.structure.projection.project_blocks`): per
         block its inner conv channels in logit order and the residual branch."""
         from pyengine import api
-        from pyengine.models.cnn.ledger import ProjectedBlock, project_blocks
+        from pyengine.models.cnn.ledger import ProjectedBlock
         from pyengine.models.factory import model_name
         from pyengine.models.resnet.ledger import CnnLedger
-        from pyengine.structure.solver import allowed_counts
+        from pyengine.structure.projection import allowed_counts, project_blocks
         from pyengine.structure.spec import make_conv_block
         name = model_name(model)
         g = blocks.geometry(model)

@@ -263,6 +263,3 @@ class SwinAdapter(TransformerAdapter):
             c = g.num_classes
             row("head.fc", "linear", B * D * c, D * c + c, B * D + B * c)
 
-    def dense_kwargs(self, model: nn.Module, g) -> dict:
-        return {"num_classes": g.num_classes, "in_chans": g.in_chans,
-                "img_size": list(model.patch_embed.img_size)}

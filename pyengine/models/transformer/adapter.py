@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from pyengine.models.base import Adapter, UnsupportedModuleError
-from pyengine.models.factory import remembered_config
 from pyengine.models.transformer.compact import fold_gates
 from pyengine.models.transformer.gated import GatedAttention, GatedFFN
 from pyengine.models.transformer.gating import block_of_masks, masks_of_block
@@ -30,8 +29,9 @@ class TransformerAdapter(Adapter):
 
     # ---- what a family says -------------------------------------------------------------
     def block_slots(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        """(container, index) of every transformer block, in spec order."""
-        raise NotImplementedError
+        """(container, index) of every transformer block, in spec order (default: the
+        ``blocks`` list of a plain token model)."""
+        return [(model.blocks, i) for i in range(len(model.blocks))]
 
     def attn_options(self, model: nn.Module) -> dict:
         """Keywords of :class:`GatedAttention` / ``compact_attention`` (``rope_half``, ``npt``)."""
@@ -43,10 +43,12 @@ class TransformerAdapter(Adapter):
     def cost_rows(self, spec, row, batch: int, attention: str) -> None:
         raise NotImplementedError
 
-    def dense_kwargs(self, model: nn.Module, g) -> dict:
+    def rebuild_kwargs(self, model: nn.Module) -> dict:
         """timm kwargs that rebuild the dense container when it was not made by
         ``pyengine.create_model`` (which remembers its own)."""
-        return {"num_classes": getattr(g, "num_classes", 0)}
+        g = self.geometry(model)
+        return {"num_classes": g.num_classes, "in_chans": g.in_chans,
+                "img_size": list(model.patch_embed.img_size)}
 
     # ---- recognising ----------------------------------------------------------------------
     def _timm_class(self):
@@ -115,19 +117,6 @@ class TransformerAdapter(Adapter):
         container.pyengine_spec = s
         return container
 
-    def skeleton_spec(self, s, g, name: str):
-        if s.dense is not None and s.dense != g:
-            raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
-        return s.with_dense(g, name)
-
-    def dense_config(self, model: nn.Module, name: str | None) -> dict:
-        cfg = remembered_config(model)
-        if cfg:
-            return cfg
-        if name is None:
-            raise ValueError("cannot tell which timm model this is (no pretrained_cfg); create "
-                             "it with pyengine.create_model(name, **kwargs) so it can be saved")
-        return {"architecture": name, "kwargs": self.dense_kwargs(model, self.geometry(model))}
 
     # ---- cost --------------------------------------------------------------------------------
     def resolve_spec(self, model_or_spec: Any):

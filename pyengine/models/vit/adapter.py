@@ -152,11 +152,6 @@ class ViTAdapter(Adapter):
         from pyengine.models.vit.layout import plan
         return plan(s, layout, device=device, dtype=dtype, batches=batches, log=log)
 
-    def skeleton_spec(self, s: Spec, g: Geometry, name: str) -> Spec:
-        if s.dense is not None and s.dense != g:
-            raise SpecError(f"spec was made for geometry {s.dense}, the rebuilt model is {g}")
-        return s.with_dense(g, name)
-
     def rebuild_kwargs(self, model: nn.Module) -> dict[str, Any]:
         g = geometry(model)
         blk = model.blocks[0]
