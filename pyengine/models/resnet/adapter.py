@@ -77,13 +77,13 @@ class ResNetAdapter(Adapter):
 
     def project(self, model: nn.Module, scores, target: float, tolerance: float = 0.03,
                 round_to: int | None = None, **constraints) -> CnnSpec:
-        """HiAP's final structure (see :func:`pyengine.structure.projection.project_blocks`): per
+        """HiAP's final structure (see :func:`pyengine.models.cnn.ledger.project_blocks`): per
         block its inner conv channels in logit order and the residual branch."""
         from pyengine import api
-        from pyengine.models.cnn.ledger import ProjectedBlock
+        from pyengine.models.cnn.ledger import ProjectedBlock, project_blocks
         from pyengine.models.factory import model_name
         from pyengine.models.resnet.ledger import CnnLedger
-        from pyengine.structure.projection import allowed_counts, project_blocks
+        from pyengine.structure.solver import allowed_counts
         from pyengine.structure.spec import make_conv_block
         name = model_name(model)
         g = blocks.geometry(model)
