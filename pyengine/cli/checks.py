@@ -221,14 +221,25 @@ def BATCHES(dest, v, a):  # noqa: N802
         raise SettingError(dest, f"{flag(dest)} {v!r}: {e}") from None
 
 
+def parse_sizes(text, name: str) -> list[int] | None:
+    """A comma list of integers >= 1 (None: the command's default), for flag ``name``."""
+    if text is None:
+        return None
+    try:
+        out = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise ValueError(f"{name} must be a comma list of positive integers, got {text!r}")
+    return out
+
+
 def SIZES(dest, v, a):  # noqa: N802
-    """A comma list of integers >= 1 (None: the command's default)."""
-    if v is None:
-        return
-    parts = [p.strip() for p in str(v).split(",")]
-    if not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise SettingError(dest, f"{flag(dest)} {v!r}: a comma list of integers >= 1, "
-                                 "e.g. 256,512")
+    """The same parse the command runs (parse_sizes), before any work."""
+    try:
+        parse_sizes(v, flag(dest))
+    except ValueError as e:
+        raise SettingError(dest, str(e)) from None
 
 
 def COMPARE(dest, v, a):  # noqa: N802

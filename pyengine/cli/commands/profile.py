@@ -2,6 +2,8 @@
 and after pruning, under a roof measured on the device it runs on."""
 from __future__ import annotations
 
+from pyengine.cli.checks import parse_sizes
+
 HELP = "per-layer roofline profile of a model (dense and compact: before/after pruning)"
 DESCRIPTION = (
     "Time every layer of the model (forward hooks with CUDA events on a GPU, perf_counter on "
@@ -45,19 +47,6 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", help="write the roofline plot here (PNG)")
 
 
-def _sizes(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        out = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--gemm-n must be a comma list of positive integers, got {text!r}") \
-            from None
-    if not out or min(out) < 1:
-        raise ValueError(f"--gemm-n must be a comma list of positive integers, got {text!r}")
-    return out
-
-
 def run(a) -> int:
     import torch
 
@@ -65,7 +54,7 @@ def run(a) -> int:
     from pyengine.measure.roofline import format_profile, plot, profile
     if a.threads:
         torch.set_num_threads(a.threads)
-    sizes = _sizes(a.gemm_n)  # fail early, before any model is built
+    sizes = parse_sizes(a.gemm_n, "--gemm-n")
     if a.batch < 1:
         raise ValueError(f"--batch must be a positive integer, got {a.batch}")
     name, dense, compact = load_models(a.model, a.spec, a.target, a.seed, a.model_kwargs)
