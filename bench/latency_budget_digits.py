@@ -8,6 +8,9 @@ with at equal measured latency). Every run records the predicted and measured la
         --latency-targets 0.4,0.5,0.6 --mac-targets 0.3,0.4,0.5,0.6,0.7 \\
         --out bench/results/cpu/latency_budget_digits
 
+``--demo`` runs the `pyengine demo` model and recipe (a digits ViT of width 128, depth 4, at
+16 px: a dense model in under a minute on 2 cores) instead of the --model/--epochs flags.
+
 writes OUT.json (every run's metrics, the checks, the equal-latency comparison), OUT.log and
 OUT.png (top-1 vs measured latency: the latency-budget and MAC-budget fronts per method);
 the runs' model directories go to OUT.runs/.
@@ -64,6 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--finetune", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--demo", action="store_true",
+                   help="the `pyengine demo` model, data settings and recipe (digits ViT of "
+                        "width 128 and depth 4 at 16 px, its dense and HiAP schedules) instead "
+                        "of the flags above")
+    p.add_argument("--min-heads", type=int, default=None,
+                   help="minimum heads per layer (0 lets a whole attention block go)")
     p.add_argument("--out", required=True, help="path prefix: OUT.json, OUT.log, OUT.png, "
                                                 "OUT.runs/")
     a = p.parse_args(argv)
@@ -87,16 +96,21 @@ def main(argv=None) -> int:
                     [("macs", t) for t in _floats(a.mac_targets)]
             for unit, target in plans:
                 d = runs_dir / f"seed{seed}" / f"{method}_{unit}{target:g}"
-                job = PruneJob(model=a.model, out=str(d), method=method,
-                               model_kwargs=a.model_kwargs, img_size=a.img_size,
-                               checkpoint=dense_ckpt, batch_size=a.batch_size,
-                               dense_epochs=a.dense_epochs if dense_ckpt is None else None,
-                               finetune=a.finetune,
-                               budget=Budget(target=target, budget=unit,
-                                             latency_batch=a.latency_batch),
-                               training=Training(epochs=a.epochs, seed=seed, progress=False,
-                                                 device="cpu"),
-                               overwrite=True, latency_batches=lat_batches)
+                if a.demo:
+                    job = _demo_job(d, seed, method, unit, target, a, dense_ckpt, lat_batches)
+                else:
+                    job = PruneJob(model=a.model, out=str(d), method=method,
+                                   model_kwargs=a.model_kwargs, img_size=a.img_size,
+                                   checkpoint=dense_ckpt, batch_size=a.batch_size,
+                                   dense_epochs=a.dense_epochs if dense_ckpt is None else None,
+                                   finetune=a.finetune,
+                                   budget=Budget(target=target, budget=unit,
+                                                 latency_batch=a.latency_batch,
+                                                 **({} if a.min_heads is None
+                                                    else {"min_heads": a.min_heads})),
+                                   training=Training(epochs=a.epochs, seed=seed, progress=False,
+                                                     device="cpu"),
+                                   overwrite=True, latency_batches=lat_batches)
                 say(f"== seed {seed} {method} --budget {unit} --target {target:g}")
                 res = run(job, log=say)
                 if dense_ckpt is None:  # every later run of this seed starts from these weights
@@ -126,6 +140,25 @@ def main(argv=None) -> int:
     write_text(out.with_name(out.name + ".log"), "\n".join(lines) + "\n")
     _plot(runs, a, out.with_name(out.name + ".png"))
     return 0
+
+
+def _demo_job(d: Path, seed: int, method: str, unit: str, target: float, a, dense_ckpt,
+              lat_batches):
+    """The demo's prune job (pyengine.experiments.demo.prune_job) with this run's method,
+    budget, seed and dense checkpoint; HiAP keeps the demo's gate settings, other methods
+    their defaults."""
+    import dataclasses
+
+    from pyengine.experiments.demo import DEMO, DEMO_MODEL, prune_job
+    job = prune_job(d, DEMO, dict(DEMO_MODEL), seed=seed, progress=False, overwrite=True)
+    budget = dataclasses.replace(job.budget, target=target, budget=unit,
+                                 latency_batch=a.latency_batch,
+                                 **({} if a.min_heads is None else {"min_heads": a.min_heads}))
+    return dataclasses.replace(
+        job, method=method, budget=budget, checkpoint=dense_ckpt,
+        dense_epochs=job.dense_epochs if dense_ckpt is None else None,
+        method_config=job.method_config if method == "hiap" else None,
+        latency_batches=lat_batches)
 
 
 def _interp(front: list[tuple[float, float]], x: float) -> float | None:

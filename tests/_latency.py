@@ -7,10 +7,11 @@ from pyengine.measure.latency_grid import default_points, _grid_shape
 
 
 def fake_table(geometry, batches=(1, 8), candidates=("torch",), attn=None, runs=None,
-               linear=None, device=None, dtype="float32") -> LatencyTable:
+               linear=None, device=None, dtype="float32", calibration=None) -> LatencyTable:
     """A table of this machine's CPU key whose grids come from ``attn(backend, b, h, qk, v)``
     (qk == 0 for the attn0 grids), ``runs(backend, b, k)`` and ``linear(kind, b, width)``;
-    defaults: cost proportional to the work, 0.05 ms per extra run."""
+    defaults: cost proportional to the work, 0.05 ms per extra run. ``calibration(b)``: the
+    in-context scalars {calib_attn, calib_mlp, attn_ctx, mlp_ctx} at batch b (default none)."""
     shape = TableShape.of(geometry)
     attn = attn or (lambda be, b, h, qk, v: 0.01 + 1e-5 * b * h * (qk + v))
     runs = runs or (lambda be, b, k: 0.05 * (k - 1))
@@ -37,4 +38,9 @@ def fake_table(geometry, batches=(1, 8), candidates=("torch",), attn=None, runs=
         for kind, v in (("branch", 0.002), ("stem", 0.1), ("head", 0.05)):
             grids[kind] = Grid({}, [v * b])
         t.add(shape, b, grids, list(candidates))
+        if calibration is not None:
+            cal = calibration(b)
+            part = t.shapes[shape.key]["batches"][b]
+            part["grids"].update({k: Grid({}, [float(v)]) for k, v in cal.items()})
+            part["calibration"] = {"note": "fake", **cal}
     return t

@@ -120,6 +120,35 @@ def test_cost_command_prints_and_records_latency(tmp_path, monkeypatch, capsys):
     assert rec["ms"] == pytest.approx(pyengine.latency(pyengine.load(d)).ms, rel=1e-9)
 
 
+def test_a_calibrated_table_prices_kept_branches_in_context(tmp_path, monkeypatch):
+    """A calibrated table: a kept branch is <kind>_ctx + calib_<kind> * (its grids); stem and
+    head as measured; removed branches cost nothing."""
+    g = pyengine.geometry(_vit())
+    b = 2
+    t = fake_table(g, batches=(1, 4), calibration=_calibration)
+    assert t.calibrated(g)
+    # between measured batches the scalars are interpolated (ms grids and factors alike)
+    a, m = _calibration(1), _calibration(4)
+    w = (b - 1) / 3
+    mix = {k: a[k] * (1 - w) + m[k] * w for k in a}
+    attn = lambda h, qk, v: 0.01 + 1e-5 * b * h * (qk + v)  # noqa: E731
+    lin = lambda w: 0.005 + 1e-5 * b * w  # noqa: E731
+    blk0 = (mix["attn_ctx"] + mix["calib_attn"] * (
+        lin(3 * (16 + 16 + 40)) + attn(2, 16, 16) + attn(1, 40, 40) + 0.05 + lin(72))
+        + mix["mlp_ctx"] + mix["calib_mlp"] * lin(300))
+    blk1 = mix["mlp_ctx"] + mix["calib_mlp"] * lin(768)
+    blk2 = mix["attn_ctx"] + mix["calib_attn"] * (lin(3 * 64) + attn(1, 64, 64) + lin(64))
+    want = 0.1 * b + 0.05 * b + blk0 + blk1 + blk2
+    got = latency(_hand_spec(g), batch=b, table=t, layout="exact")
+    assert got.ms == pytest.approx(want, rel=1e-9)
+    # the same table without its calibration prices branches as timed alone (cheaper here)
+    for part in t.shapes[TableShape.of(g).key]["batches"].values():
+        for k in _calibration(1):
+            del part["grids"][k]
+    assert not t.calibrated(g)
+    assert latency(_hand_spec(g), batch=b, table=t, layout="exact").ms < want
+
+
 # ---- the expected latency of gate probabilities ------------------------------------------------
 def _curved(g, **kw):
     """A table with curvature, an eq/ne step, run overheads and off-grid widths (nonlinear)."""
@@ -145,11 +174,18 @@ def _sample_ms(lm, probs, gen):
     return total
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_expected_latency_matches_sampled_structures(batch):
+def _calibration(b):
+    """In-context scalars of a calibrated fake table (pyengine.measure.latency_calibration)."""
+    return {"calib_attn": 1.3 + 0.01 * b, "calib_mlp": 0.9, "attn_ctx": 0.03 * b,
+            "mlp_ctx": 0.02 * b}
+
+
+@pytest.mark.parametrize("batch,calibrated", [(1, False), (5, False), (3, True)])
+def test_expected_latency_matches_sampled_structures(batch, calibrated):
     torch.manual_seed(batch)
     g = pyengine.geometry(_vit())
-    lm = LatencyModel(_curved(g), g, batch=batch)
+    lm = LatencyModel(_curved(g, calibration=_calibration if calibrated else None), g,
+                      batch=batch)
     H, Dh, M = g.num_heads, g.head_dim, g.mlp_hidden
     probs = []
     for _ in range(g.depth):
@@ -165,11 +201,12 @@ def test_expected_latency_matches_sampled_structures(batch):
     assert abs(exact - mean) <= max(4 * sem, 0.005 * mean), (exact, mean, sem)
 
 
-def test_expected_latency_of_hard_probabilities_is_the_prediction():
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_expected_latency_of_hard_probabilities_is_the_prediction(calibrated):
     """0/1 probabilities: the expectation is the latency model's prediction of that structure
     (heads of one width per layer: the op's surrogate is then exact too)."""
     g = pyengine.geometry(_vit())
-    lm = LatencyModel(_curved(g), g, batch=1)
+    lm = LatencyModel(_curved(g, calibration=_calibration if calibrated else None), g, batch=1)
     H, Dh, M = g.num_heads, g.head_dim, g.mlp_hidden
     probs, blocks = [], []
     for i, (heads, w, m) in enumerate([((0, 2), 24, 300), ((), 0, 768), ((1,), 64, 0)]):
@@ -193,7 +230,10 @@ def test_expected_latency_of_hard_probabilities_is_the_prediction():
 
 def test_expected_latency_gradients_are_finite_and_point_down():
     g = pyengine.geometry(_vit())
-    lm = LatencyModel(_curved(g), g, batch=1)
+    # curved attention, FFN time increasing in width (the sign checked below needs that)
+    lm = LatencyModel(fake_table(g, attn=lambda be, b, h, qk, v: 0.01 + 1e-4 * b * h ** 0.7
+                                 * (qk + v) ** 1.2, linear=lambda kind, b, w: 0.005 + 1e-5 * b * w
+                                 + 1e-8 * w * w, calibration=_calibration), g, batch=1)
     model = pyengine.gate(_vit(), method="hiap")
     sets = [gs for pair in hiap_gates(model) for gs in pair]
     e = lm.expected([gs.probs() for gs in sets])

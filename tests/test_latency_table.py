@@ -9,7 +9,7 @@ import torch
 import pyengine
 from pyengine.cost import latency_table as lt
 from pyengine.cost.latency_table import Grid, LatencyTable, LatencyTableError, TableShape
-from pyengine.measure import latency_grid
+from pyengine.measure import latency_calibration, latency_grid
 from pyengine.structure.spec import Spec
 
 from _latency import fake_table
@@ -146,12 +146,30 @@ def test_cache_is_read_completed_and_renewed(tmp_path, monkeypatch):
         return one.shapes[shape.key]["batches"][batch]["grids"], {"seconds": 0.0}
 
     monkeypatch.setattr(latency_grid, "measure_grids", fake_measure)
+    calibrated = []
+
+    def fake_calibration(shape, batch, device, dtype, grids, candidates, **kw):
+        assert "mlp" in grids and candidates
+        calibrated.append(batch)
+        return ({"calib_attn": Grid({}, [1.2]), "calib_mlp": Grid({}, [1.1]),
+                 "attn_ctx": Grid({}, [0.01]), "mlp_ctx": Grid({}, [0.02])}, {"fake": True})
+
+    monkeypatch.setattr(latency_calibration, "measure_calibration", fake_calibration)
     t = lt.get_table(g, "cpu", dt, batches=(1, 8), progress=False)
     assert calls == [1, 8] and path.is_file()
+    assert calibrated == [1, 8] and t.calibrated(g) and t.scale(g, 4, "mlp") == 1.1
     # cached: nothing is measured again; a new batch is added to the same file
     assert lt.get_table(g, "cpu", dt, batches=(8, 1), progress=False).to_dict() == t.to_dict()
     lt.get_table(g, "cpu", dt, batches=(2,), progress=False)
     assert calls == [1, 8, 2] and lt.load_table("cpu", dt).batches(g) == [1, 2, 8]
+    assert calibrated == [1, 8, 2]
+    # a table measured before calibration existed is calibrated, its grids kept
+    d = json.loads(path.read_text())
+    for part in d["shapes"][TableShape.of(g).key]["batches"].values():
+        del part["calibration"]
+    path.write_text(json.dumps(d))
+    lt.get_table(g, "cpu", dt, batches=(1,), progress=False)
+    assert calls == [1, 8, 2] and calibrated == [1, 8, 2, 1, 2, 8]
     # a table from another torch is stale and measured again
     d = json.loads(path.read_text())
     d["env"]["torch"] = "0.0.1"
@@ -192,6 +210,49 @@ def test_measured_grids_have_the_documented_shape():
     # the unequal grid has no point with equal widths
     assert not set(d["attn_ne"]["qk"]) & set(d["attn_ne"]["v"])
     assert d["qkv"]["width"][-1] == 576 and d["mlp"]["width"][-1] == 768
+
+
+def test_calibration_line_fit():
+    fit = latency_calibration._fit
+    # exact points on a line with a positive fixed cost: slope and intercept recovered
+    pts = [(x, 1.4 * x + 0.2) for x in (0.5, 1.0, 2.0, 3.5)]
+    assert fit(pts) == pytest.approx((1.4, 0.2))
+    # a negative intercept is not a cost: a ratio through the origin instead
+    pts = [(x, 2.0 * x - 0.5) for x in (1.0, 2.0, 3.0)]
+    slope, fixed = fit(pts)
+    assert fixed == 0.0 and slope == pytest.approx(sum(y for _, y in pts) / 6.0)
+    # layers of (nearly) one grid time: no line through them, the ratio
+    assert fit([(1.0, 1.5), (1.0, 1.7)]) == (pytest.approx(1.6), 0.0)
+    assert fit([]) == (1.0, 0.0)
+
+
+def test_calibration_times_whole_models_of_the_shape():
+    """Real (tiny) calibration: compact models of the shape built and timed; the four scalars
+    and per-model records come back, and the table prices with them."""
+    g = _geometry()
+    shape = TableShape.of(g)
+    t = fake_table(g, batches=(2,))
+    part = t.shapes[shape.key]["batches"][2]
+    grids, info = latency_calibration.measure_calibration(
+        shape, 2, "cpu", torch.float32, part["grids"], ["torch"], repeats=2, depth=2,
+        targets=(1.0, 0.4), progress=False)
+    assert set(grids) == set(latency_calibration.CALIBRATION_GRIDS)
+    for name, gr in grids.items():
+        v = gr()
+        assert v >= 0 and v == v, name
+    assert grids["calib_attn"]() > 0 and grids["calib_mlp"]() > 0
+    assert [m["target"] for m in info["models"]] == [1.0, 0.4]
+    assert all(m["total_ms"] > 0 and m["branches"] >= 1 for m in info["models"])
+    # the model built for it has the shape's tokens, widths and classes
+    vit = latency_calibration.calibration_vit(shape, depth=2)
+    assert TableShape.of(pyengine.geometry(vit)) == shape
+    part["grids"].update(grids)
+    part["calibration"] = info
+    assert t.calibrated(g) and t.calibration_done(g)
+    # a shape no timm ViT has (heads x width != embed dim) is refused by name
+    odd = TableShape(17, 100, 3, 64, 200, 16)
+    with pytest.raises(LatencyTableError, match="heads x head width"):
+        latency_calibration.calibration_vit(odd)
 
 
 def test_cli_latency_table(tmp_path, capsys):

@@ -310,9 +310,10 @@ class LatencyModel:
         if heads:
             sq, sv = sum(a for a, _ in heads), sum(c for _, c in heads)
             w = max(max(a, c) for a, c in heads)
-            ms += (t.branch_ms(sh, b) + t.linear_ms(sh, b, "qkv", 2 * sq + sv)
-                   + t.value(sh, f"attn_eq/{self.core_backend}", b, heads=len(heads), width=w)
-                   + t.linear_ms(sh, b, "proj", sv))
+            ms += t.branch_ms(sh, b) + t.scale(sh, b, "attn") * (
+                t.linear_ms(sh, b, "qkv", 2 * sq + sv)
+                + t.value(sh, f"attn_eq/{self.core_backend}", b, heads=len(heads), width=w)
+                + t.linear_ms(sh, b, "proj", sv))
         return ms
 
     def block_ms(self, block) -> float:
@@ -343,7 +344,6 @@ class LatencyModel:
         """Expected ms of one block from keep probabilities {block, head, qk, v} and
         {block, neuron} (HiAP's gate slots; hard semantics of ``gates._consistent``)."""
         t, sh, b = self.table, self.shape, self.batch
-        branch = t.branch_ms(sh, b)
         pb = attn["block"].double().reshape(())
         ph = attn["head"].double()
         qk, v = attn["qk"].double(), attn["v"].double()
@@ -360,8 +360,7 @@ class LatencyModel:
         ey_v = sv / anyv.clamp_min(1e-12)                   # E[V | V > 0] (approximately)
         mu_v = (ph * sv).sum()
         var_v = (q * varv + q * (1 - q) * ey_v ** 2).sum()
-        total = pb * (1.0 - p_none) * branch
-        total = total + self._width_term("qkv", pb, mu_qkv, var_qkv, p_none)
+        total = self._width_term("qkv", pb, mu_qkv, var_qkv, p_none)
         total = total + self._width_term("proj", pb, mu_v, var_v, p_none)
         # the op: expected head count given any, at the expected padded width
         p_any = (1.0 - p_none).clamp_min(1e-12)
@@ -376,12 +375,16 @@ class LatencyModel:
         core = self._batched(f"attn_eq/{self.core_backend}",
                              lambda g: _interp(g, heads=k, width=width))
         total = total + pb * (1.0 - p_none) * core
+        # in-model cost of the modules (calibrated tables), plus the branch's own
+        total = (pb * (1.0 - p_none) * t.branch_ms(sh, b, "attn")
+                 + t.scale(sh, b, "attn") * total)
         # the FFN
         pn = mlp["neuron"].double()
         pmb = mlp["block"].double().reshape(())
         pz = torch.prod(1.0 - pn)
-        total = total + pmb * (1.0 - pz) * branch
-        total = total + self._width_term("mlp", pmb, pn.sum(), (pn * (1 - pn)).sum(), pz)
+        total = total + pmb * (1.0 - pz) * t.branch_ms(sh, b, "mlp")
+        total = total + t.scale(sh, b, "mlp") * self._width_term(
+            "mlp", pmb, pn.sum(), (pn * (1 - pn)).sum(), pz)
         return total
 
     def expected(self, probs: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:

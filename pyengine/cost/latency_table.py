@@ -26,7 +26,15 @@ mlp                width           timm ``Mlp(D, width)``: fc1, GELU, fc2
 branch             (none)          ``LayerNorm(D)`` and the residual add of one block branch
 stem               (none)          patch-embedding conv, prefix tokens, position embedding
 head               (none)          final LayerNorm, token pooling, classifier
+calib_attn         (none)          in-model ms per grid ms of attention modules (qkv, op, proj)
+calib_mlp          (none)          the same for FFN modules
+attn_ctx           (none)          ms of a kept attention branch in a model beside its grids
+mlp_ctx            (none)          the same for a kept FFN branch
 =================  ==============  ============================================================
+
+The last four come from whole compact models of the shape timed with their modules timed in
+place (:mod:`pyengine.measure.latency_calibration`); a calibrated table prices a kept branch as
+``<kind>_ctx + calib_<kind> * (its grids)``, an uncalibrated one as ``branch + (its grids)``.
 
 A run of ``h`` heads of widths ``(qk, v)`` costs ``attn0(h, v)`` if ``qk == 0``,
 ``attn_eq(h, qk)`` if ``qk == v``, else ``attn_ne(h, qk, v)``.
@@ -89,6 +97,8 @@ FORMAT = "pyengine.latency/1"
 # the grids a table holds per batch (backend-specific ones carry "/<backend>")
 BACKEND_GRIDS = ("attn_eq", "attn_ne", "attn0", "runs")
 PLAIN_GRIDS = ("qkv", "proj", "mlp", "branch", "stem", "head")
+# scalars timed inside whole models (pyengine.measure.latency_calibration)
+CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx")
 
 
 class LatencyTableError(ValueError):
@@ -496,14 +506,44 @@ class LatencyTable:
             return self.value(shape, f"attn_eq/{backend}", batch, heads=heads, width=qk)
         return self.value(shape, f"attn_ne/{backend}", batch, heads=heads, qk=qk, v=v)
 
+    def calibrated(self, shape: Any) -> bool:
+        """Whether every measured batch of ``shape`` holds the in-context calibration
+        (:mod:`pyengine.measure.latency_calibration`); without it the grids price layers as
+        timed alone."""
+        entry = self.shapes.get(TableShape.of(shape).key)
+        return bool(entry and entry["batches"]) and all(
+            all(n in p["grids"] for n in CALIBRATION_GRIDS) for p in entry["batches"].values())
+
+    def calibration_done(self, shape: Any) -> bool:
+        """Whether calibrating ``shape`` was tried at every measured batch (done, or found
+        impossible for the shape)."""
+        entry = self.shapes.get(TableShape.of(shape).key)
+        return bool(entry and entry["batches"]) and all(
+            "calibration" in p for p in entry["batches"].values())
+
+    def scale(self, shape: Any, batch: int, kind: str) -> float:
+        """In-model / alone time of ``kind`` ("attn" or "mlp") modules (1 uncalibrated):
+        interpolated between measured batches, constant outside them."""
+        if kind not in ("attn", "mlp") or not self.calibrated(shape):
+            return 1.0
+        entry = self._entry(shape)
+        vals = {b: p["grids"][f"calib_{kind}"]() for b, p in entry["batches"].items()}
+        bs = sorted(vals)
+        return interpolate_batch(vals, min(max(batch, bs[0]), bs[-1]))
+
     def linear_ms(self, shape: Any, batch: int, which: str, width: int) -> float:
         """``which`` = "qkv" (D -> width) or "proj" (width -> D)."""
         if which not in ("qkv", "proj"):
             raise ValueError(f"which must be 'qkv' or 'proj', got {which!r}")
         return self.value(shape, which, batch, width=width) if width > 0 else 0.0
 
-    def branch_ms(self, shape: Any, batch: int) -> float:
-        return self.value(shape, "branch", batch)
+    def branch_ms(self, shape: Any, batch: int, kind: str = "attn") -> float:
+        """What a kept ``kind`` ("attn" or "mlp") branch costs beside its grids: in a model
+        (``<kind>_ctx``) when the table is calibrated, else its norm and residual add timed
+        alone."""
+        if kind not in ("attn", "mlp"):
+            raise ValueError(f"kind must be 'attn' or 'mlp', got {kind!r}")
+        return self.value(shape, f"{kind}_ctx" if self.calibrated(shape) else "branch", batch)
 
     def attention_ms(self, shape: Any, batch: int, buckets: Sequence[Bucket],
                      backend: str = "torch") -> float:
@@ -513,15 +553,17 @@ class LatencyTable:
             return 0.0
         sqk = sum(h * qk for h, qk, _ in buckets)
         sv = sum(h * v for h, _, v in buckets)
-        return (self.branch_ms(shape, batch) + self.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
-                + self.core_ms(shape, batch, buckets, backend)
-                + self.linear_ms(shape, batch, "proj", sv))
+        return self.branch_ms(shape, batch) + self.scale(shape, batch, "attn") * (
+            self.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
+            + self.core_ms(shape, batch, buckets, backend)
+            + self.linear_ms(shape, batch, "proj", sv))
 
     def mlp_ms(self, shape: Any, batch: int, width: int) -> float:
         """One FFN branch of ``width`` neurons: norm + residual add + Mlp (0 when removed)."""
         if width <= 0:
             return 0.0
-        return self.branch_ms(shape, batch) + self.value(shape, "mlp", batch, width=width)
+        return (self.branch_ms(shape, batch, "mlp")
+                + self.scale(shape, batch, "mlp") * self.value(shape, "mlp", batch, width=width))
 
     def stem_ms(self, shape: Any, batch: int) -> float:
         return self.value(shape, "stem", batch)
@@ -573,12 +615,14 @@ def load_table(device: str | torch.device | None = None, dtype=torch.float32,
 
 def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.float32,
               batches: Sequence[int] = (1, 8), *, path: str | os.PathLike | None = None,
-              measure: bool | None = None, progress: bool = True,
+              measure: bool | None = None, progress: bool = True, calibrate: bool = True,
               log: Callable[[str], None] | None = None, **measure_options) -> LatencyTable | None:
     """The table of ``device``/``dtype`` with ``shape`` measured at ``batches`` for every
     attention backend that can run there: read from the cache and completed by measuring
     what is missing (a progress bar; saved back). Returns None only when something is missing
-    and measuring is off (``measure=False``, or ``PYENGINE_LATENCY=off``)."""
+    and measuring is off (``measure=False``, or ``PYENGINE_LATENCY=off``). ``calibrate``: also
+    time whole models of the shape (:mod:`pyengine.measure.latency_calibration`) at every
+    measured batch that lacks it."""
     from pyengine.measure import latency_grid
 
     dev = torch.device("cpu" if device is None else device)
@@ -602,7 +646,10 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
             table = None
     batches = sorted({int(b) for b in batches})
     wanted = latency_grid.candidate_backends(dev, dt)
-    if table is not None and table.has(shape, batches, wanted):
+    def complete(t: LatencyTable) -> bool:
+        return t.has(shape, batches, wanted) and (not calibrate or t.calibration_done(shape))
+
+    if table is not None and complete(table):
         return table
     if measure is None:
         measure = measuring_enabled()
@@ -613,7 +660,7 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
         table = LatencyTable(key, dtype_name(dt), {**environment(dev),
                                                    "extension_id": _extension_id()})
     missing = [b for b in batches if not table.has(shape, [b], wanted)]
-    if log:
+    if missing and log:
         log(f"measuring the {key} {dtype_name(dt)} latency table for shape "
             f"{TableShape.of(shape).key}, batch {', '.join(map(str, missing))} (once; cached in "
             f"{p})")
@@ -621,5 +668,29 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
         grids, info = latency_grid.measure_grids(TableShape.of(shape), b, dev, dt, wanted,
                                                  progress=progress, **measure_options)
         table.add(shape, b, grids, wanted, **info)
+    if calibrate:
+        _calibrate(table, TableShape.of(shape), dev, dt, progress, log)
     table.save(p)
     return table
+
+
+def _calibrate(table: LatencyTable, shape: TableShape, dev: torch.device, dt: torch.dtype,
+               progress: bool, log) -> None:
+    """Time whole models of ``shape`` at every measured batch without a calibration."""
+    from pyengine.measure.latency_calibration import measure_calibration
+    entry = table.shapes[shape.key]
+    for b, part in sorted(entry["batches"].items()):
+        if "calibration" in part:
+            continue
+        if log:
+            log(f"calibrating the latency table in whole models of shape {shape.key}, batch {b}")
+        try:
+            grids, info = measure_calibration(shape, b, dev, dt, part["grids"],
+                                              part.get("candidates", []), progress=progress)
+        except LatencyTableError as e:  # a shape no timm ViT has: the grids alone price it
+            part["calibration"] = {"unavailable": str(e)}
+            if log:
+                log(f"no calibration for shape {shape.key}: {e}")
+            continue
+        part["grids"].update(grids)
+        part["calibration"] = info

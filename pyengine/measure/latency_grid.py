@@ -14,6 +14,7 @@ Triton and CUDA kernels. A candidate that cannot run the dtype here is left out.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
@@ -25,6 +26,8 @@ from pyengine.cost.latency_table import Grid, TableShape
 from pyengine.measure.timing import measure
 
 __all__ = ["CANDIDATES", "candidate_backends", "default_points", "measure_grids"]
+
+LINEAR_PASSES = 3  # passes over the qkv, proj and FFN widths (median of their medians)
 
 # the attention backends a table measures, per device type, in this order
 CANDIDATES: dict[str, tuple[str, ...]] = {"cpu": ("torch", "cpu"),
@@ -67,13 +70,20 @@ def default_points(shape: TableShape) -> dict[str, dict[str, list[int]]]:
     v = sorted({(a + b) // 2 for a, b in zip(qk, qk[1:]) if (a + b) // 2 not in qk}) or \
         [max(1, qk[0] // 2)]
     geo = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144)
+
+    def widths(top: int) -> list[int]:
+        # small widths geometric, then steps of top/16 (multiples of 8): GEMM time bends
+        # with cache and blocking, and one odd point must not bend a long segment
+        step = max(8, (top // 16 + 7) // 8 * 8)
+        return _upto(tuple(w for w in geo if w < 2 * step) + tuple(range(step, top, step)),
+                     top)
     return {"attn_eq": {"heads": heads, "width": equal},
             "attn_ne": {"heads": heads, "qk": qk, "v": v},
             "attn0": {"heads": heads, "v": equal},
             "runs": {"runs": heads},
-            "qkv": {"width": _upto(geo, 3 * H * Dh)},
-            "proj": {"width": _upto(geo, H * Dh)},
-            "mlp": {"width": _upto(geo, M)},
+            "qkv": {"width": widths(3 * H * Dh)},
+            "proj": {"width": widths(H * Dh)},
+            "mlp": {"width": widths(M)},
             "branch": {}, "stem": {}, "head": {}}
 
 
@@ -239,10 +249,18 @@ def measure_grids(shape: TableShape, batch: int, device: torch.device | str,
                 grids[name] = Grid({"runs": [float(k) for k in runs]}, ms)
             elif kind in ("qkv", "proj", "mlp"):
                 widths = list(pts[kind]["width"])
-                fns = _linear_fns(shape, batch, dev, dtype, kind, widths)
-                med, iq = _time(fns, dev, repeats, min_sample_ms)
-                grids[kind] = Grid({"width": [float(w) for w in widths]},
-                                   [med[str(w)] for w in widths], [iq[str(w)] for w in widths])
+                # passes with fresh layers, the widths in another order each time: what runs
+                # before a layer (whose weights it evicts) changes its time; the median over
+                # passes is the typical one
+                passes = []
+                for k in range(LINEAR_PASSES):
+                    order = widths[k % 2::2] + widths[1 - k % 2::2] if k else widths
+                    fns = _linear_fns(shape, batch, dev, dtype, kind, order)
+                    passes.append(_time(fns, dev, repeats, min_sample_ms))
+                grids[kind] = Grid(
+                    {"width": [float(w) for w in widths]},
+                    [statistics.median(m[str(w)] for m, _ in passes) for w in widths],
+                    [statistics.median(q[str(w)] for _, q in passes) for w in widths])
             else:
                 med, iq = _time(_fixed_fns(shape, batch, dev, dtype), dev, repeats,
                                 min_sample_ms)

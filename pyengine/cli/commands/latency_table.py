@@ -86,4 +86,10 @@ def format_summary(table, g, batches) -> str:
                 f"{table.linear_ms(g, b, 'qkv', 3 * H * Dh):>8.3f} {table.mlp_ms(g, b, M):>8.3f} "
                 f"{table.stem_ms(g, b):>8.3f} {table.head_ms(g, b):>8.3f} "
                 f"{table.spec_ms(full, b, be):>12.3f}")
+    if table.calibrated(g):
+        for b in batches:
+            lines.append(f"in a model, batch {b}: attention {table.scale(g, b, 'attn'):.3f} x "
+                         f"its grids + {table.branch_ms(g, b, 'attn'):.3f} ms, FFN "
+                         f"{table.scale(g, b, 'mlp'):.3f} x + {table.branch_ms(g, b, 'mlp'):.3f}"
+                         " ms per kept branch (whole-model calibration)")
     return "\n".join(lines)

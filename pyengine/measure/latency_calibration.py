@@ -1,0 +1,226 @@
+"""In-context calibration of a latency table (:mod:`pyengine.cost.latency_table`).
+
+The table's grids time each layer alone, over and over on the same inputs: its weights stay in
+cache and nothing runs between the calls. Inside a whole model every layer starts cold (the
+weights of the layer before pushed its own out) and each block adds work no grid times (the
+block's Python, drop-path and layer-scale calls, the norms and residual adds on activations
+that just left the cache). Summed over a model, that made the layer sums predict 10-35% too
+little on a 2-core CPU (bench/results/cpu/issue15/).
+
+So, per model shape and batch, a few real compact models of that shape (random weights, random
+heterogeneous structures, head layouts planned from the just-measured grids, as
+:func:`pyengine.compile` plans them) are timed whole, with every attention and FFN module
+also timed in place (forward hooks, in separate passes from the whole-model timings so the
+hooks cost the totals nothing). Per kind of branch, a line through the layers' (grid ms,
+in-model ms) points gives a slope and a fixed cost per layer (the module's own calls); what
+lies outside the modules (the whole model minus its modules, stem and head) is shared out
+per kept branch. Four numbers, kept as scalar grids of the table:
+
+==============  ================================================================================
+calib_attn      in-model ms per grid ms of the attention modules (qkv, the op, proj)
+calib_mlp       the same for the FFN modules
+attn_ctx        ms of a kept attention branch beside its grids: the line's fixed cost plus the
+                branch's share of the outside (norm, residual add, the block's own calls)
+mlp_ctx         the same for a kept FFN branch
+==============  ================================================================================
+
+Predictions then price a kept branch as ``<kind>_ctx + calib_<kind> * (its grids)``: still a sum over the
+layers a structure keeps (so the planner, the budgets and the expected latency of gate
+probabilities all take it the same way), now with the cost a layer has inside a model.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from pyengine.cost.latency_table import Grid, LatencyTable, LatencyTableError, TableShape
+from pyengine.measure.timing import Clock, warm_up
+
+__all__ = ["CALIBRATION_GRIDS", "calibration_vit", "measure_calibration"]
+
+CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx")
+
+# MAC fractions of the structures timed; 1.0 keeps every head (random widths) and neuron
+TARGETS = (1.0, 0.6, 0.35)
+DEPTH = 12  # blocks of a calibration model (the shape does not say; 12 is the ViT norm)
+
+
+def calibration_vit(shape: TableShape, depth: int = DEPTH) -> torch.nn.Module:
+    """A timm VisionTransformer of ``shape`` (random weights, eval mode)."""
+    from timm.models.vision_transformer import VisionTransformer
+    if shape.num_heads * shape.head_dim != shape.embed_dim:
+        raise LatencyTableError(f"calibration builds timm ViTs with heads x head width == "
+                                f"embed dim; shape {shape.key} has "
+                                f"{shape.num_heads}x{shape.head_dim} != {shape.embed_dim}")
+    P = shape.num_patches
+    gh = int(math.isqrt(P))
+    gh, gw = (gh, P // gh) if gh * (P // gh) == P else (P, 1)
+    ph, pw = shape.patch_size
+    prefix = shape.tokens - P
+    if prefix < 0:
+        raise LatencyTableError(f"shape {shape.key}: fewer tokens than patches")
+    m = VisionTransformer(img_size=(gh * ph, gw * pw), patch_size=(ph, pw),
+                          in_chans=shape.in_chans, num_classes=shape.num_classes,
+                          global_pool="token" if prefix else "avg", embed_dim=shape.embed_dim,
+                          depth=depth, num_heads=shape.num_heads,
+                          mlp_ratio=shape.mlp_hidden / shape.embed_dim,
+                          class_token=prefix >= 1, reg_tokens=max(prefix - 1, 0))
+    return m.eval()
+
+
+def _structures(vit: torch.nn.Module, table: LatencyTable, batch: int, device, dtype,
+                targets: Sequence[float], seed: int):
+    """``[(compact model, planned spec)]``: one per target, planned as compile plans."""
+    import pyengine
+    from pyengine.models import adapter_for
+    from pyengine.models.vit.layout import plan
+    from pyengine.structure.synthetic import heterogeneous_spec
+
+    g = pyengine.geometry(vit)
+    out = []
+    for k, target in enumerate(targets):
+        gated = pyengine.gate(copy.deepcopy(vit))
+        pyengine.apply(gated, heterogeneous_spec(g, target, seed=seed + k))
+        s = plan(pyengine.spec(gated), "auto", device=device, dtype=dtype, batches=[batch],
+                 table=table)
+        a = adapter_for(gated)
+        a.fold_gates(gated)
+        compact = a.build(gated, s, copy_weights=False).to(device=device, dtype=dtype).eval()
+        out.append((compact, s))
+    return out
+
+
+def _predicted(table: LatencyTable, shape: TableShape, batch: int, s) -> dict[str, Any]:
+    """The grids' (uncalibrated) ms of every attention and FFN module of spec ``s``."""
+    from pyengine.models.vit.layout import layer_buckets, layout_of
+    lay = layout_of(s)
+    attn, mlp = {}, {}
+    for i, blk in enumerate(s.blocks):
+        buckets, planned = layer_buckets(s, i, lay)
+        buckets = [b for b in buckets if b[0] > 0 and b[2] > 0]
+        if buckets:
+            be = planned if planned not in (None, "auto") else "torch"
+            sqk = sum(h * qk for h, qk, _ in buckets)
+            sv = sum(h * v for h, _, v in buckets)
+            attn[i] = (table.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
+                       + table.core_ms(shape, batch, buckets, be)
+                       + table.linear_ms(shape, batch, "proj", sv))
+        if len(blk.mlp):
+            mlp[i] = table.value(shape, "mlp", batch, width=len(blk.mlp))
+    return {"attn": attn, "mlp": mlp,
+            "fixed": table.value(shape, "stem", batch) + table.value(shape, "head", batch)}
+
+
+def measure_calibration(shape: TableShape, batch: int, device: torch.device | str,
+                        dtype: torch.dtype, grids: Mapping[str, Grid],
+                        candidates: Sequence[str], *, repeats: int = 7,
+                        targets: Sequence[float] = TARGETS, depth: int = DEPTH, seed: int = 0,
+                        progress: bool = True) -> tuple[dict[str, Grid], dict[str, Any]]:
+    """Time calibration models of ``shape`` at ``batch`` (see the module docstring) against
+    the grids measured for it: ``({calib_attn, calib_mlp, branch_ctx}, info)``."""
+    from tqdm import tqdm
+
+    dev = torch.device(device)
+    table = LatencyTable("calibration", dtype)
+    table.add(shape, batch, grids, candidates)
+    torch.manual_seed(seed)
+    vit = calibration_vit(shape, depth).to(device=dev, dtype=dtype)
+    x = torch.randn(batch, shape.in_chans, *vit.patch_embed.img_size, device=dev, dtype=dtype)
+    models = _structures(vit, table, batch, dev, dtype, targets, seed)
+    clock = Clock(dev)
+    # per model: module name -> samples (ms), and whole-forward samples
+    parts: list[dict[str, list[float]]] = [{} for _ in models]
+    totals: list[list[float]] = [[] for _ in models]
+    started: dict[str, Any] = {}
+    hooks: list[list[tuple]] = [[] for _ in models]
+    for m_i, (model, _) in enumerate(models):
+        for i, blk in enumerate(model.blocks):
+            for kind in ("attn", "mlp"):
+                mod = getattr(blk, kind, None)
+                if mod is None:
+                    continue
+                key = f"{kind}.{i}"
+
+                def pre(_m, _inp, key=key):
+                    started[key] = clock.mark()
+
+                def post(_m, _inp, _out, key=key, m_i=m_i):
+                    end = clock.mark()
+                    clock.sync()
+                    parts[m_i].setdefault(key, []).append(clock.elapsed_ms(started[key], end))
+                hooks[m_i].append((mod, pre, post))
+    bar = tqdm(total=repeats * len(models), unit="model", disable=not progress, leave=False,
+               desc=f"latency calibration b{batch}")
+    with torch.inference_mode():
+        warm_up([lambda m=m: m(x) for m, _ in models], 2, dev)
+        for _ in range(repeats):
+            for m_i, (model, _) in enumerate(models):
+                # the whole forward, unhooked ...
+                clock.sync()
+                t0 = clock.mark()
+                model(x)
+                t1 = clock.mark()
+                clock.sync()
+                totals[m_i].append(clock.elapsed_ms(t0, t1))
+                # ... and a pass with its modules timed in place
+                handles = []
+                for mod, pre, post in hooks[m_i]:
+                    handles += [mod.register_forward_pre_hook(pre),
+                                mod.register_forward_hook(post)]
+                model(x)
+                for h in handles:
+                    h.remove()
+                bar.update(1)
+    bar.close()
+    points: dict[str, list[tuple[float, float]]] = {"attn": [], "mlp": []}  # (grid, in model)
+    outside = 0.0
+    branches = 0
+    per_model = []
+    for m_i, (model, s) in enumerate(models):
+        pred = _predicted(table, shape, batch, s)
+        med = {k: statistics.median(v) for k, v in parts[m_i].items()}
+        total = statistics.median(totals[m_i])
+        for kind in ("attn", "mlp"):
+            points[kind] += [(ms, med[f"{kind}.{i}"]) for i, ms in pred[kind].items()]
+        inside = sum(med.values())
+        n = len(pred["attn"]) + len(pred["mlp"])
+        outside += total - inside - pred["fixed"]
+        branches += n
+        per_model.append({"target": targets[m_i], "total_ms": round(total, 4),
+                          "attn_ms": round(sum(v for k, v in med.items() if k[0] == "a"), 4),
+                          "attn_grid_ms": round(sum(pred["attn"].values()), 4),
+                          "mlp_ms": round(sum(v for k, v in med.items() if k[0] == "m"), 4),
+                          "mlp_grid_ms": round(sum(pred["mlp"].values()), 4),
+                          "fixed_grid_ms": round(pred["fixed"], 4), "branches": n})
+    per_branch = max(outside / branches, 0.0) if branches else 0.0
+    calib = {}
+    for kind in ("attn", "mlp"):
+        slope, fixed = _fit(points[kind])
+        calib[f"calib_{kind}"] = slope
+        calib[f"{kind}_ctx"] = per_branch + fixed
+    info = {"depth": depth, "repeats": repeats, "models": per_model,
+            "outside_per_branch_ms": round(per_branch, 5),
+            **{k: round(v, 5) for k, v in calib.items()}}
+    return {k: Grid({}, [v]) for k, v in calib.items()}, info
+
+
+def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(slope, intercept)`` of in-model ms against grid ms over the layers (least squares;
+    the intercept is a layer's fixed cost in a model, kept >= 0: a ratio through the origin
+    when the fit would make it negative or the layers' grid times barely differ)."""
+    pts = [(x, y) for x, y in points if x > 0]
+    if not pts:
+        return 1.0, 0.0
+    sx, sy = sum(x for x, _ in pts), sum(y for _, y in pts)
+    mx, my = sx / len(pts), sy / len(pts)
+    vx = sum((x - mx) ** 2 for x, _ in pts)
+    if len(pts) >= 3 and vx > (0.05 * mx) ** 2 * len(pts):
+        slope = sum((x - mx) * (y - my) for x, y in pts) / vx
+        fixed = my - slope * mx
+        if slope > 0 and fixed >= 0:
+            return slope, fixed
+    return sy / sx, 0.0
