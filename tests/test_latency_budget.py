@@ -122,7 +122,7 @@ def test_cost_command_prints_and_records_latency(tmp_path, monkeypatch, capsys):
 
 def test_a_calibrated_table_prices_kept_branches_in_context(tmp_path, monkeypatch):
     """A calibrated table: a kept branch is <kind>_ctx + calib_<kind> * (its grids); stem and
-    head as measured; removed branches cost nothing."""
+    head as measured, plus forward_ctx once; removed branches cost nothing."""
     g = pyengine.geometry(_vit())
     b = 2
     t = fake_table(g, batches=(1, 4), calibration=_calibration)
@@ -138,7 +138,7 @@ def test_a_calibrated_table_prices_kept_branches_in_context(tmp_path, monkeypatc
         + mix["mlp_ctx"] + mix["calib_mlp"] * lin(300))
     blk1 = mix["mlp_ctx"] + mix["calib_mlp"] * lin(768)
     blk2 = mix["attn_ctx"] + mix["calib_attn"] * (lin(3 * 64) + attn(1, 64, 64) + lin(64))
-    want = 0.1 * b + 0.05 * b + blk0 + blk1 + blk2
+    want = 0.1 * b + 0.05 * b + mix["forward_ctx"] + blk0 + blk1 + blk2
     got = latency(_hand_spec(g), batch=b, table=t, layout="exact")
     assert got.ms == pytest.approx(want, rel=1e-9)
     # the same table without its calibration prices branches as timed alone (cheaper here)
@@ -177,7 +177,7 @@ def _sample_ms(lm, probs, gen):
 def _calibration(b):
     """In-context scalars of a calibrated fake table (pyengine.measure.latency_calibration)."""
     return {"calib_attn": 1.3 + 0.01 * b, "calib_mlp": 0.9, "attn_ctx": 0.03 * b,
-            "mlp_ctx": 0.02 * b}
+            "mlp_ctx": 0.02 * b, "forward_ctx": 0.07 + 0.01 * b}
 
 
 @pytest.mark.parametrize("batch,calibrated", [(1, False), (5, False), (3, True)])

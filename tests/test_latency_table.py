@@ -152,7 +152,8 @@ def test_cache_is_read_completed_and_renewed(tmp_path, monkeypatch):
         assert "mlp" in grids and candidates
         calibrated.append(batch)
         return ({"calib_attn": Grid({}, [1.2]), "calib_mlp": Grid({}, [1.1]),
-                 "attn_ctx": Grid({}, [0.01]), "mlp_ctx": Grid({}, [0.02])}, {"fake": True})
+                 "attn_ctx": Grid({}, [0.01]), "mlp_ctx": Grid({}, [0.02]),
+                 "forward_ctx": Grid({}, [0.03])}, {"fake": True})
 
     monkeypatch.setattr(latency_calibration, "measure_calibration", fake_calibration)
     t = lt.get_table(g, "cpu", dt, batches=(1, 8), progress=False)
@@ -217,13 +218,19 @@ def test_calibration_line_fit():
     # exact points on a line with a positive fixed cost: slope and intercept recovered
     pts = [(x, 1.4 * x + 0.2) for x in (0.5, 1.0, 2.0, 3.5)]
     assert fit(pts) == pytest.approx((1.4, 0.2))
-    # a negative intercept is not a cost: a ratio through the origin instead
+    # a negative intercept is not a cost: the least-squares line through the origin instead
     pts = [(x, 2.0 * x - 0.5) for x in (1.0, 2.0, 3.0)]
     slope, fixed = fit(pts)
-    assert fixed == 0.0 and slope == pytest.approx(sum(y for _, y in pts) / 6.0)
-    # layers of (nearly) one grid time: no line through them, the ratio
+    assert fixed == 0.0 and slope == pytest.approx((1.5 + 7.0 + 16.5) / 14.0)
+    # layers of (nearly) one grid time: no line through them, the line through the origin
     assert fit([(1.0, 1.5), (1.0, 1.7)]) == (pytest.approx(1.6), 0.0)
     assert fit([]) == (1.0, 0.0)
+    # the rest per branch may be negative (other lines' intercepts absorb it); the per-forward
+    # intercept stays >= 0
+    assert fit([(24, 1.0 - 0.01 * 24), (12, 1.0 - 0.01 * 12)], keep_fixed=False) == \
+        (pytest.approx(-0.01), pytest.approx(1.0))
+    slope, fixed = fit([(24.0, 2.5), (12.0, 0.5)], keep_fixed=False)
+    assert fixed == 0.0 and slope == pytest.approx((60 + 6) / (24 ** 2 + 12 ** 2))
 
 
 def test_calibration_times_whole_models_of_the_shape():
@@ -235,14 +242,16 @@ def test_calibration_times_whole_models_of_the_shape():
     part = t.shapes[shape.key]["batches"][2]
     grids, info = latency_calibration.measure_calibration(
         shape, 2, "cpu", torch.float32, part["grids"], ["torch"], repeats=2, depth=2,
-        targets=(1.0, 0.4), progress=False)
+        targets=(1.0, 0.4, -0.6), progress=False)
     assert set(grids) == set(latency_calibration.CALIBRATION_GRIDS)
     for name, gr in grids.items():
         v = gr()
         assert v >= 0 and v == v, name
     assert grids["calib_attn"]() > 0 and grids["calib_mlp"]() > 0
-    assert [m["target"] for m in info["models"]] == [1.0, 0.4]
+    assert [m["target"] for m in info["models"]] == [1.0, 0.4, -0.6]
     assert all(m["total_ms"] > 0 and m["branches"] >= 1 for m in info["models"])
+    # the negative target keeps every other block's branches only
+    assert [m["branches"] for m in info["models"]] == [4, 4, 2]
     # the model built for it has the shape's tokens, widths and classes
     vit = latency_calibration.calibration_vit(shape, depth=2)
     assert TableShape.of(pyengine.geometry(vit)) == shape

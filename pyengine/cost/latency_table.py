@@ -2,8 +2,8 @@
 
 The layout planner of :func:`pyengine.compile` and the latency model of a Spec read it. A table
 belongs to one device (its :func:`device_key`) and one dtype, and holds, per model shape
-(:class:`TableShape`: tokens N, embed dim D, head count and width, FFN width, stem and
-classifier) and per batch size, these grids of medians (:mod:`pyengine.measure.latency_grid`
+(:class:`TableShape`: tokens N, embed dim D, head count and width, FFN width, stem,
+classifier and depth) and per batch size, these grids of medians (:mod:`pyengine.measure.latency_grid`
 measures them with the one timing harness):
 
 =================  ==============  ============================================================
@@ -30,11 +30,13 @@ calib_attn         (none)          in-model ms per grid ms of attention modules 
 calib_mlp          (none)          the same for FFN modules
 attn_ctx           (none)          ms of a kept attention branch in a model beside its grids
 mlp_ctx            (none)          the same for a kept FFN branch
+forward_ctx        (none)          ms per forward in a model beside stem, head and branches
 =================  ==============  ============================================================
 
-The last four come from whole compact models of the shape timed with their modules timed in
+The last five come from whole compact models of the shape timed with their modules timed in
 place (:mod:`pyengine.measure.latency_calibration`); a calibrated table prices a kept branch as
-``<kind>_ctx + calib_<kind> * (its grids)``, an uncalibrated one as ``branch + (its grids)``.
+``<kind>_ctx + calib_<kind> * (its grids)`` and counts ``forward_ctx`` with the head; an
+uncalibrated one prices a branch as ``branch + (its grids)``.
 
 A run of ``h`` heads of widths ``(qk, v)`` costs ``attn0(h, v)`` if ``qk == 0``,
 ``attn_eq(h, qk)`` if ``qk == v``, else ``attn_ne(h, qk, v)``.
@@ -98,7 +100,7 @@ FORMAT = "pyengine.latency/1"
 BACKEND_GRIDS = ("attn_eq", "attn_ne", "attn0", "runs")
 PLAIN_GRIDS = ("qkv", "proj", "mlp", "branch", "stem", "head")
 # scalars timed inside whole models (pyengine.measure.latency_calibration)
-CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx")
+CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx", "forward_ctx")
 
 
 class LatencyTableError(ValueError):
@@ -285,6 +287,7 @@ class TableShape:
     in_chans: int = 3
     patch_size: tuple[int, int] = (16, 16)
     num_classes: int = 0
+    depth: int = 12  # blocks: the grids do not depend on it, the whole-model calibration does
 
     @classmethod
     def of(cls, x: Any) -> "TableShape":
@@ -299,14 +302,14 @@ class TableShape:
             raise LatencyTableError("the geometry has no token count (num_tokens / num_patches);"
                                     " take it from a model: pyengine.geometry(model)")
         return cls(g.num_tokens, g.embed_dim, g.num_heads, g.head_dim, g.mlp_hidden,
-                   g.num_patches, g.in_chans, tuple(g.patch_size), g.num_classes)
+                   g.num_patches, g.in_chans, tuple(g.patch_size), g.num_classes, g.depth)
 
     @property
     def key(self) -> str:
         ph, pw = self.patch_size
         return (f"n{self.tokens}-d{self.embed_dim}-h{self.num_heads}x{self.head_dim}"
                 f"-m{self.mlp_hidden}-p{self.num_patches}x{self.in_chans}x{ph}x{pw}"
-                f"-c{self.num_classes}")
+                f"-c{self.num_classes}-L{self.depth}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -569,7 +572,10 @@ class LatencyTable:
         return self.value(shape, "stem", batch)
 
     def head_ms(self, shape: Any, batch: int) -> float:
-        return self.value(shape, "head", batch)
+        """The classifier end (norm, pooling, head), plus the forward's own cost in a model
+        (``forward_ctx``) when the table is calibrated."""
+        ms = self.value(shape, "head", batch)
+        return ms + self.value(shape, "forward_ctx", batch) if self.calibrated(shape) else ms
 
     def spec_ms(self, spec, batch: int, backend: str | None = None) -> float:
         """A whole ViT of structure ``spec`` (with ``dense`` geometry): stem, every kept branch,

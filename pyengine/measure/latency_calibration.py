@@ -13,24 +13,29 @@ heterogeneous structures, head layouts planned from the just-measured grids, as
 also timed in place (forward hooks, in separate passes from the whole-model timings so the
 hooks cost the totals nothing). Per kind of branch, a line through the layers' (grid ms,
 in-model ms) points gives a slope and a fixed cost per layer (the module's own calls); what
-lies outside the modules (the whole model minus its modules, stem and head) is shared out
-per kept branch. Four numbers, kept as scalar grids of the table:
+the lines leave of each whole model (its norms, residual adds, the blocks' and the forward's
+own calls, and whatever timing modules in place added to them) is a cost per forward plus one
+per kept branch, fitted over the models (one of which keeps half the branches). Five numbers,
+kept as scalar grids of the table:
 
 ==============  ================================================================================
 calib_attn      in-model ms per grid ms of the attention modules (qkv, the op, proj)
 calib_mlp       the same for the FFN modules
 attn_ctx        ms of a kept attention branch beside its grids: the line's fixed cost plus the
-                branch's share of the outside (norm, residual add, the block's own calls)
+                per-branch share of the rest
 mlp_ctx         the same for a kept FFN branch
+forward_ctx     ms per forward beside the stem, the head and the branches
 ==============  ================================================================================
 
-Predictions then price a kept branch as ``<kind>_ctx + calib_<kind> * (its grids)``: still a sum over the
+Predictions then price a kept branch as ``<kind>_ctx + calib_<kind> * (its grids)`` and add
+``forward_ctx`` to the head: still a sum over the
 layers a structure keeps (so the planner, the budgets and the expected latency of gate
 probabilities all take it the same way), now with the cost a layer has inside a model.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from typing import Any, Mapping, Sequence
@@ -42,15 +47,24 @@ from pyengine.measure.timing import Clock, warm_up
 
 __all__ = ["CALIBRATION_GRIDS", "calibration_vit", "measure_calibration"]
 
-CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx")
+CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx", "forward_ctx")
 
 # MAC fractions of the structures timed; 1.0 keeps every head (random widths) and neuron
-TARGETS = (1.0, 0.6, 0.35)
-DEPTH = 12  # blocks of a calibration model (the shape does not say; 12 is the ViT norm)
+# MAC fractions of the structures timed; 1.0 keeps every head (random widths) and neuron.
+# A negative target: that fraction with every other block's attention and FFN removed (fewer
+# branches: what a forward costs apart from its branches is told from what each branch adds)
+TARGETS = (1.0, 0.6, 0.35, -0.6)
 
 
-def calibration_vit(shape: TableShape, depth: int = DEPTH) -> torch.nn.Module:
-    """A timm VisionTransformer of ``shape`` (random weights, eval mode)."""
+MIN_SECONDS = 3.0        # the samples of small models span at least this long ...
+MAX_ROUNDS_FACTOR = 10   # ... in at most this many times ``repeats`` rounds
+
+
+def calibration_vit(shape: TableShape, depth: int | None = None) -> torch.nn.Module:
+    """A timm VisionTransformer of ``shape`` (random weights, eval mode), ``depth`` blocks
+    (default: the shape's: whether a model's weights stay in cache from one forward to the
+    next depends on it)."""
+    depth = shape.depth if depth is None else depth
     from timm.models.vision_transformer import VisionTransformer
     if shape.num_heads * shape.head_dim != shape.embed_dim:
         raise LatencyTableError(f"calibration builds timm ViTs with heads x head width == "
@@ -84,7 +98,12 @@ def _structures(vit: torch.nn.Module, table: LatencyTable, batch: int, device, d
     out = []
     for k, target in enumerate(targets):
         gated = pyengine.gate(copy.deepcopy(vit))
-        pyengine.apply(gated, heterogeneous_spec(g, target, seed=seed + k))
+        spec = heterogeneous_spec(g, abs(target), seed=seed + k)
+        if target < 0:
+            spec = dataclasses.replace(spec, blocks=tuple(
+                b if i % 2 == 0 else dataclasses.replace(b, heads=(), mlp=())
+                for i, b in enumerate(spec.blocks)))
+        pyengine.apply(gated, spec)
         s = plan(pyengine.spec(gated), "auto", device=device, dtype=dtype, batches=[batch],
                  table=table)
         a = adapter_for(gated)
@@ -118,7 +137,8 @@ def _predicted(table: LatencyTable, shape: TableShape, batch: int, s) -> dict[st
 def measure_calibration(shape: TableShape, batch: int, device: torch.device | str,
                         dtype: torch.dtype, grids: Mapping[str, Grid],
                         candidates: Sequence[str], *, repeats: int = 7,
-                        targets: Sequence[float] = TARGETS, depth: int = DEPTH, seed: int = 0,
+                        targets: Sequence[float] = TARGETS, depth: int | None = None,
+                        seed: int = 0,
                         progress: bool = True) -> tuple[dict[str, Grid], dict[str, Any]]:
     """Time calibration models of ``shape`` at ``batch`` (see the module docstring) against
     the grids measured for it: ``({calib_attn, calib_mlp, branch_ctx}, info)``."""
@@ -157,7 +177,8 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
                desc=f"latency calibration b{batch}")
     with torch.inference_mode():
         warm_up([lambda m=m: m(x) for m, _ in models], 2, dev)
-        for _ in range(repeats):
+        rounds, done = repeats, 0
+        while done < rounds:
             for m_i, (model, _) in enumerate(models):
                 # the whole forward, unhooked ...
                 clock.sync()
@@ -175,52 +196,65 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
                 for h in handles:
                     h.remove()
                 bar.update(1)
+            done += 1
+            if done == 1:  # small models: more rounds, so that the samples span MIN_SECONDS
+                one = sum(t[0] for t in totals) * 2e-3
+                rounds = max(repeats, min(math.ceil(MIN_SECONDS / max(one, 1e-6)),
+                                          MAX_ROUNDS_FACTOR * repeats))
+                bar.total = rounds * len(models)
     bar.close()
     points: dict[str, list[tuple[float, float]]] = {"attn": [], "mlp": []}  # (grid, in model)
-    outside = 0.0
-    branches = 0
-    per_model = []
+    preds, per_model = [], []
     for m_i, (model, s) in enumerate(models):
         pred = _predicted(table, shape, batch, s)
         med = {k: statistics.median(v) for k, v in parts[m_i].items()}
-        total = statistics.median(totals[m_i])
         for kind in ("attn", "mlp"):
             points[kind] += [(ms, med[f"{kind}.{i}"]) for i, ms in pred[kind].items()]
-        inside = sum(med.values())
-        n = len(pred["attn"]) + len(pred["mlp"])
-        outside += total - inside - pred["fixed"]
-        branches += n
-        per_model.append({"target": targets[m_i], "total_ms": round(total, 4),
-                          "attn_ms": round(sum(v for k, v in med.items() if k[0] == "a"), 4),
-                          "attn_grid_ms": round(sum(pred["attn"].values()), 4),
-                          "mlp_ms": round(sum(v for k, v in med.items() if k[0] == "m"), 4),
-                          "mlp_grid_ms": round(sum(pred["mlp"].values()), 4),
-                          "fixed_grid_ms": round(pred["fixed"], 4), "branches": n})
-    per_branch = max(outside / branches, 0.0) if branches else 0.0
-    calib = {}
-    for kind in ("attn", "mlp"):
-        slope, fixed = _fit(points[kind])
-        calib[f"calib_{kind}"] = slope
-        calib[f"{kind}_ctx"] = per_branch + fixed
-    info = {"depth": depth, "repeats": repeats, "models": per_model,
+        preds.append(pred)
+        per_model.append({"target": targets[m_i], "total_ms": statistics.median(totals[m_i]),
+                          "attn_ms": sum(v for k, v in med.items() if k[0] == "a"),
+                          "attn_grid_ms": sum(pred["attn"].values()),
+                          "mlp_ms": sum(v for k, v in med.items() if k[0] == "m"),
+                          "mlp_grid_ms": sum(pred["mlp"].values()),
+                          "fixed_grid_ms": pred["fixed"],
+                          "branches": len(pred["attn"]) + len(pred["mlp"])})
+    line = {kind: _fit(points[kind]) for kind in ("attn", "mlp")}
+    # what the fitted modules leave of each whole model (timed without hooks): a cost per
+    # forward plus one per kept branch, fitted over the models (which keep different counts);
+    # the totals stay anchored even where timing the modules in place made them look dearer
+    rest = []
+    for pred, rec in zip(preds, per_model):
+        inside = sum(line[k][1] + line[k][0] * ms for k in ("attn", "mlp")
+                     for ms in pred[k].values())
+        rest.append((float(rec["branches"]), rec["total_ms"] - pred["fixed"] - inside))
+    per_branch, per_forward = _fit(rest, keep_fixed=False)
+    calib = {"calib_attn": line["attn"][0], "calib_mlp": line["mlp"][0],
+             "attn_ctx": max(line["attn"][1] + per_branch, 0.0),
+             "mlp_ctx": max(line["mlp"][1] + per_branch, 0.0),
+             "forward_ctx": max(per_forward, 0.0)}
+    info = {"depth": len(vit.blocks), "repeats": rounds,
+            "models": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in per_model],
             "outside_per_branch_ms": round(per_branch, 5),
             **{k: round(v, 5) for k, v in calib.items()}}
     return {k: Grid({}, [v]) for k, v in calib.items()}, info
 
 
-def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """``(slope, intercept)`` of in-model ms against grid ms over the layers (least squares;
-    the intercept is a layer's fixed cost in a model, kept >= 0: a ratio through the origin
-    when the fit would make it negative or the layers' grid times barely differ)."""
+def _fit(points: Sequence[tuple[float, float]], keep_fixed: bool = True
+         ) -> tuple[float, float]:
+    """``(slope, intercept)`` of a least-squares line through ``(x, y)`` points. The intercept
+    is a fixed cost, kept >= 0: a line through the origin when the fit would make it negative
+    or the x values barely differ. ``keep_fixed=False``: the slope may be any sign (a share
+    that the intercepts of other lines absorb), the intercept still >= 0."""
     pts = [(x, y) for x, y in points if x > 0]
     if not pts:
-        return 1.0, 0.0
+        return (1.0 if keep_fixed else 0.0), 0.0
     sx, sy = sum(x for x, _ in pts), sum(y for _, y in pts)
     mx, my = sx / len(pts), sy / len(pts)
     vx = sum((x - mx) ** 2 for x, _ in pts)
-    if len(pts) >= 3 and vx > (0.05 * mx) ** 2 * len(pts):
+    if len(pts) >= 2 + keep_fixed and vx > (0.05 * mx) ** 2 * len(pts):
         slope = sum((x - mx) * (y - my) for x, y in pts) / vx
         fixed = my - slope * mx
-        if slope > 0 and fixed >= 0:
+        if fixed >= 0 and (slope > 0 or not keep_fixed):
             return slope, fixed
-    return sy / sx, 0.0
+    return sum(x * y for x, y in pts) / sum(x * x for x, _ in pts), 0.0
