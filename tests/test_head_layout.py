@@ -297,3 +297,43 @@ def test_a_planned_inference_backend_gives_way_while_training():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
     with torch.no_grad():  # inference keeps the planned kernel
         torch.testing.assert_close(planned.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compact_attention_picks_its_backend_once_per_kind_of_input():
+    """The layer checks its inputs and picks the op's backend once per device, dtype, shape,
+    grad mode and backend setting, then calls it directly: outputs and gradients stay those of
+    the torch reference whatever was picked before."""
+    from pyengine.ops import available_backends
+    from pyengine.ops.varlen_attention import varlen_attention_reference
+    from pyengine.structure.spec import Head
+    torch.manual_seed(0)
+    dims = [(1, 7), (7, 1), (40, 40), (0, 5)]          # odd widths, a zero-q/k head
+    heads = [Head(i, tuple(range(a)), tuple(range(b))) for i, (a, b) in enumerate(dims)]
+    m = CompactAttention(48, heads, 0.3).double()
+
+    def reference(x):
+        q, k, v = m.qkv(x).split(m.splits, dim=-1)
+        return m.proj(varlen_attention_reference(q, k, v, m.qk_dims, m.v_dims, 0.3))
+
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(x)
+        for _ in range(2):
+            torch.testing.assert_close(m(x), want, rtol=1e-9, atol=1e-9)
+        assert len(m._runners) == 1
+        x3 = torch.randn(3, 5, 48, dtype=torch.float64)
+        torch.testing.assert_close(m(x3), reference(x3), rtol=1e-9, atol=1e-9)
+        assert len(m._runners) == 2
+        m.backend = "torch"                             # a new setting is honoured
+        torch.testing.assert_close(m(x), want, rtol=1e-9, atol=1e-9)
+        assert len(m._runners) == 3
+    m.backend = "auto"
+    xg = x.clone().requires_grad_(True)
+    m(xg).square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    reference(xr).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-9, atol=1e-9)
+    if "cpu" in available_backends("varlen_attention", "cpu"):
+        m.backend = "cpu"                               # forward only: refused with grads on
+        with pytest.raises(Exception, match="backward"):
+            m(xg)

@@ -104,7 +104,6 @@ def _time(fns: dict[str, Callable[[], object]], device: torch.device, repeats: i
 
 def _attention_fns(shape: TableShape, batch: int, device, dtype, backend: str,
                    points: Mapping[str, Sequence[int]], zero_qk: bool):
-    from pyengine.ops.varlen_attention import varlen_attention
     scale = shape.head_dim ** -0.5
     grid = _grid_shape(points)
 
@@ -119,15 +118,23 @@ def _attention_fns(shape: TableShape, batch: int, device, dtype, backend: str,
     for i, p in enumerate(grid):
         h, qk, v = dims(p)
         q, k, vv, _ = buf.split([h * qk, h * qk, h * v, width - h * (2 * qk + v)], dim=-1)
-        fns[str(i)] = (lambda q=q, k=k, vv=vv, h=h, qk=qk, v=v:
-                       varlen_attention(q, k, vv, [qk] * h, [v] * h, scale, backend=backend))
+        fns[str(i)] = _op_call(backend, q, k, vv, [qk] * h, [v] * h, scale)
     return grid, fns
+
+
+def _op_call(backend: str, q, k, v, qk_dims, v_dims, scale):
+    """The op on these inputs as a compact layer runs it: the backend picked once, then its
+    ``run`` called directly (pyengine.models.vit.compact.CompactAttention._runner)."""
+    from pyengine.ops.dispatch import select
+    from pyengine.ops.varlen_attention import OP
+    scales = [scale] * len(qk_dims)
+    b = select(OP, backend, (q, k, v, qk_dims, v_dims, scales))
+    return lambda: b.run(q, k, v, qk_dims, v_dims, scales)
 
 
 def _runs_fns(shape: TableShape, batch: int, device, dtype, backend: str, runs: Sequence[int]):
     """Runs of one head each, two shapes alternating (so neighbours never merge; q/k 8 and 16
     wide, v half a head): the op called once with ``k`` runs, and each run shape on its own."""
-    from pyengine.ops.varlen_attention import varlen_attention
     scale = shape.head_dim ** -0.5
     Dh = shape.head_dim
     v = max(1, Dh // 2)
@@ -141,7 +148,7 @@ def _runs_fns(shape: TableShape, batch: int, device, dtype, backend: str, runs: 
         sq, sv = sum(a for a, _ in shs), sum(b for _, b in shs)
         q, k, vv, _ = buf.split([sq, sq, sv, width - 2 * sq - sv], dim=-1)
         qd, vd = [a for a, _ in shs], [b for _, b in shs]
-        return lambda: varlen_attention(q, k, vv, qd, vd, scale, backend=backend)
+        return _op_call(backend, q, k, vv, qd, vd, scale)
 
     fns = {"a": call([pair[0]]), "b": call([pair[1]])}
     for k in runs:

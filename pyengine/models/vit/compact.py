@@ -80,6 +80,8 @@ class CompactAttention(nn.Module):
         if any(k > p for k, p in zip(self.kept_qk + self.kept_v, self.qk_dims + self.v_dims)):
             raise ValueError("a bucket is narrower than the dims its heads keep")
         self.scale = float(scale)
+        self._scales = [self.scale] * len(self.head_index)
+        self._runners: dict = {}
         self.backend = backend
         self.planned_backend = layout.backend if planned_device else "auto"
         self.planned_device = planned_device or ""
@@ -94,11 +96,36 @@ class CompactAttention(nn.Module):
         return _planned_backend(self.backend, self.planned_backend, self.planned_device,
                                 device_type, needs_grad)
 
+    def _runner(self, q, k, v, needs_grad: bool):
+        """The backend's ``run`` for inputs like these, chosen once per device, dtype, shape,
+        grad mode and backend setting: the op's argument checks and backend choice cost as much
+        as the attention itself on small layers (q/k/v come out of this layer's own qkv, so
+        what was checked once holds for every call of that key)."""
+        key = (q.device, q.dtype, tuple(q.shape[:2]), needs_grad, self.backend,
+               self.planned_backend)
+        run = self._runners.get(key)
+        if run is None:
+            from pyengine.ops.dispatch import select
+            from pyengine.ops.varlen_attention import OP
+            from pyengine.ops.varlen_attention.reference import check_inputs
+            check_inputs(q, k, v, self.qk_dims, self.v_dims)
+            b = select(OP, self.run_backend(q.device.type, needs_grad),
+                       (q, k, v, self.qk_dims, self.v_dims, self._scales))
+            run = functools.partial(b.run, qk_dims=self.qk_dims, v_dims=self.v_dims,
+                                    scales=self._scales)
+            if len(self._runners) >= 32:  # many input shapes: keep the newest ones
+                self._runners.clear()
+            self._runners[key] = run
+        return run(q, k, v)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.splits, dim=-1)
         needs_grad = torch.is_grad_enabled() and q.requires_grad
-        o = ops.varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale,
-                                 backend=self.run_backend(x.device.type, needs_grad))
+        if torch.compiler.is_compiling():  # traced: the op as registered
+            o = ops.varlen_attention(q, k, v, self.qk_dims, self.v_dims, self.scale,
+                                     backend=self.run_backend(x.device.type, needs_grad))
+        else:
+            o = self._runner(q, k, v, needs_grad)
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:
