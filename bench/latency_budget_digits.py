@@ -75,7 +75,11 @@ def main(argv=None) -> int:
                    help="minimum heads per layer (0 lets a whole attention block go)")
     p.add_argument("--out", required=True, help="path prefix: OUT.json, OUT.log, OUT.png, "
                                                 "OUT.runs/")
+    p.add_argument("--resummarize", action="store_true",
+                   help="read OUT.json and write its summary and OUT.png again (no runs)")
     a = p.parse_args(argv)
+    if a.resummarize:
+        return _resummarize(a)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     runs_dir = out.with_name(out.name + ".runs")
@@ -142,6 +146,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def _resummarize(a) -> int:
+    """The summary and figure of the runs in OUT.json again (this version's comparison),
+    appended to OUT.log."""
+    import json as _json
+    out = Path(a.out)
+    path = out.with_name(out.name + ".json")
+    doc = _json.loads(path.read_text())
+    cfg = argparse.Namespace(**{**doc["config"], "compare_batch": a.compare_batch,
+                                "check_target": a.check_target})
+    lat_batches = tuple(_ints(cfg.latency_batches))
+    lines = [f"== summarized again ({' '.join(sys.argv)}): equal latency as the fraction of "
+             "the dense model's measured latency"]
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    doc["summary"] = _summary(doc["runs"], cfg, lat_batches, say)
+    write_json(doc, path)
+    log = out.with_name(out.name + ".log")
+    write_text(log, (log.read_text() if log.is_file() else "") + "\n".join(lines) + "\n")
+    _plot(doc["runs"], cfg, out.with_name(out.name + ".png"))
+    return 0
+
+
 def _demo_job(d: Path, seed: int, method: str, unit: str, target: float, a, dense_ckpt,
               lat_batches):
     """The demo's prune job (pyengine.experiments.demo.prune_job) with this run's method,
@@ -189,11 +218,13 @@ def _summary(runs, a, lat_batches, say) -> dict:
             mine = [r for r in runs if r["method"] == method and r["seed"] == seed]
             lat = next((r for r in mine if r["budget"] == "latency"
                         and abs(r["target"] - a.check_target) < 1e-9), None)
-            front = [(r[f"measured_ms_b{cb}"], r["pruned_top1"]) for r in mine
+            # latency as the fraction of the dense model's, both timed in the same interleaved
+            # set: the machine's speed drifts between runs, the ratio much less
+            front = [(r[f"measured_ratio_b{cb}"], r["pruned_top1"]) for r in mine
                      if r["budget"] == "macs"]
-            if lat is None or f"measured_ms_b{cb}" not in lat:
+            if lat is None or f"measured_ratio_b{cb}" not in lat:
                 continue
-            y = _interp(front, lat[f"measured_ms_b{cb}"])
+            y = _interp(front, lat[f"measured_ratio_b{cb}"])
             diffs.append(None if y is None else lat["pruned_top1"] - y)
         got = [d for d in diffs if d is not None]
         out["equal_latency"][method] = {
@@ -219,12 +250,13 @@ def _plot(runs, a, path: Path) -> None:
         for unit, style in (("latency", "o-"), ("macs", "s--")):
             pts = [r for r in runs if r["method"] == method and r["budget"] == unit]
             for seed in dict.fromkeys(r["seed"] for r in pts):
-                s = sorted((r[f"measured_ms_b{cb}"], r["pruned_top1"]) for r in pts
+                s = sorted((r[f"measured_ratio_b{cb}"], r["pruned_top1"]) for r in pts
                            if r["seed"] == seed)
                 ax.plot([x for x, _ in s], [y for _, y in s], style, alpha=0.7,
                         label=f"--budget {unit}" if seed == pts[0]["seed"] else None,
                         color="C0" if unit == "latency" else "C1")
-        ax.set_xlabel(f"measured latency, batch {cb} (ms)")
+        ax.axvline(a.check_target, color="0.6", lw=0.8, ls=":")
+        ax.set_xlabel(f"measured latency / dense model's, batch {cb}")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(method)
         ax.legend()
