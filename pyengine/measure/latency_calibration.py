@@ -12,7 +12,8 @@ heterogeneous structures, head layouts planned from the just-measured grids, as
 :func:`pyengine.compile` plans them) are timed whole, with every attention and FFN module
 also timed in place (forward hooks, in separate passes from the whole-model timings so the
 hooks cost the totals nothing). Per kind of branch, a line through the layers' (grid ms,
-in-model ms) points gives a slope and a fixed cost per layer (the module's own calls); what
+in-model ms) points gives a slope and an offset per layer (the module's own calls; below 0
+when big layers suffer more from a cold cache than small ones); what
 the lines leave of each whole model (its norms, residual adds, the blocks' and the forward's
 own calls, and whatever timing modules in place added to them) is a cost per forward plus one
 per kept branch, fitted over the models (one of which keeps half the branches). Five numbers,
@@ -21,8 +22,8 @@ kept as scalar grids of the table:
 ==============  ================================================================================
 calib_attn      in-model ms per grid ms of the attention modules (qkv, the op, proj)
 calib_mlp       the same for the FFN modules
-attn_ctx        ms of a kept attention branch beside its grids: the line's fixed cost plus the
-                per-branch share of the rest
+attn_ctx        ms of a kept attention branch beside its grids: the line's offset plus the
+                per-branch share of the rest (>= 0)
 mlp_ctx         the same for a kept FFN branch
 forward_ctx     ms per forward beside the stem, the head and the branches
 ==============  ================================================================================
@@ -227,7 +228,7 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
         inside = sum(line[k][1] + line[k][0] * ms for k in ("attn", "mlp")
                      for ms in pred[k].values())
         rest.append((float(rec["branches"]), rec["total_ms"] - pred["fixed"] - inside))
-    per_branch, per_forward = _fit(rest, keep_fixed=False)
+    per_branch, per_forward = _fit(rest, negative="slope")
     calib = {"calib_attn": line["attn"][0], "calib_mlp": line["mlp"][0],
              "attn_ctx": max(line["attn"][1] + per_branch, 0.0),
              "mlp_ctx": max(line["mlp"][1] + per_branch, 0.0),
@@ -240,21 +241,22 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
     return {k: Grid({}, [v]) for k, v in calib.items()}, info
 
 
-def _fit(points: Sequence[tuple[float, float]], keep_fixed: bool = True
+def _fit(points: Sequence[tuple[float, float]], negative: str = "intercept"
          ) -> tuple[float, float]:
-    """``(slope, intercept)`` of a least-squares line through ``(x, y)`` points. The intercept
-    is a fixed cost, kept >= 0: a line through the origin when the fit would make it negative
-    or the x values barely differ. ``keep_fixed=False``: the slope may be any sign (a share
-    that the intercepts of other lines absorb), the intercept still >= 0."""
+    """``(slope, intercept)`` of a least-squares line through ``(x, y)`` points; ``negative``
+    names the one that may fall below 0 ("intercept": a module line, whose in-model cost can
+    grow faster than its time alone as its weights outgrow the cache; "slope": the rest per
+    kept branch, a share other lines' intercepts may already hold). When the fit breaks that
+    rule, or the x values barely differ, the line through the origin."""
     pts = [(x, y) for x, y in points if x > 0]
     if not pts:
-        return (1.0 if keep_fixed else 0.0), 0.0
+        return (1.0 if negative == "intercept" else 0.0), 0.0
     sx, sy = sum(x for x, _ in pts), sum(y for _, y in pts)
     mx, my = sx / len(pts), sy / len(pts)
     vx = sum((x - mx) ** 2 for x, _ in pts)
-    if len(pts) >= 2 + keep_fixed and vx > (0.05 * mx) ** 2 * len(pts):
+    if len(pts) >= 2 and vx > (0.05 * mx) ** 2 * len(pts):
         slope = sum((x - mx) * (y - my) for x, y in pts) / vx
         fixed = my - slope * mx
-        if fixed >= 0 and (slope > 0 or not keep_fixed):
+        if (slope > 0 and negative == "intercept") or (fixed >= 0 and negative == "slope"):
             return slope, fixed
     return sum(x * y for x, y in pts) / sum(x * x for x, _ in pts), 0.0
