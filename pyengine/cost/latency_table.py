@@ -3,8 +3,8 @@
 The layout planner of :func:`pyengine.compile` and the latency model of a Spec read it. A table
 belongs to one device (its :func:`device_key`) and one dtype, and holds, per model shape
 (:class:`TableShape`: tokens N, embed dim D, head count and width, FFN width, stem,
-classifier and depth) and per batch size, these grids of medians (:mod:`pyengine.measure.latency_grid`
-measures them with the one timing harness):
+classifier and depth) and per batch size, these grids of medians
+(:mod:`pyengine.measure.latency_grid` measures them with the one timing harness):
 
 =================  ==============  ============================================================
 grid               axes            what one timed call runs
@@ -527,7 +527,9 @@ class LatencyTable:
     def scale(self, shape: Any, batch: int, kind: str) -> float:
         """In-model / alone time of ``kind`` ("attn" or "mlp") modules (1 uncalibrated):
         interpolated between measured batches, constant outside them."""
-        if kind not in ("attn", "mlp") or not self.calibrated(shape):
+        if kind not in ("attn", "mlp"):
+            raise ValueError(f"kind must be 'attn' or 'mlp', got {kind!r}")
+        if not self.calibrated(shape):
             return 1.0
         entry = self._entry(shape)
         vals = {b: p["grids"][f"calib_{kind}"]() for b, p in entry["batches"].items()}
@@ -551,15 +553,23 @@ class LatencyTable:
     def attention_ms(self, shape: Any, batch: int, buckets: Sequence[Bucket],
                      backend: str = "torch") -> float:
         """One attention branch: norm + residual add, qkv, the op, proj (0 without heads)."""
+        if not any(h > 0 and v > 0 for h, _, v in buckets):
+            return 0.0
+        return self.branch_ms(shape, batch) + self.scale(shape, batch, "attn") * \
+            self.attention_grids_ms(shape, batch, buckets, backend)
+
+    def attention_grids_ms(self, shape: Any, batch: int, buckets: Sequence[Bucket],
+                           backend: str = "torch") -> float:
+        """The attention module as the grids time it alone: qkv, the op, proj (0 without
+        heads); :meth:`attention_ms` adds the branch and the in-model calibration."""
         buckets = [b for b in buckets if b[0] > 0 and b[2] > 0]
         if not buckets:
             return 0.0
         sqk = sum(h * qk for h, qk, _ in buckets)
         sv = sum(h * v for h, _, v in buckets)
-        return self.branch_ms(shape, batch) + self.scale(shape, batch, "attn") * (
-            self.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
-            + self.core_ms(shape, batch, buckets, backend)
-            + self.linear_ms(shape, batch, "proj", sv))
+        return (self.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
+                + self.core_ms(shape, batch, buckets, backend)
+                + self.linear_ms(shape, batch, "proj", sv))
 
     def mlp_ms(self, shape: Any, batch: int, width: int) -> float:
         """One FFN branch of ``width`` neurons: norm + residual add + Mlp (0 when removed)."""
@@ -652,6 +662,7 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
             table = None
     batches = sorted({int(b) for b in batches})
     wanted = latency_grid.candidate_backends(dev, dt)
+
     def complete(t: LatencyTable) -> bool:
         return t.has(shape, batches, wanted) and (not calibrate or t.calibration_done(shape))
 

@@ -50,12 +50,10 @@ __all__ = ["CALIBRATION_GRIDS", "calibration_vit", "measure_calibration"]
 
 CALIBRATION_GRIDS = ("calib_attn", "calib_mlp", "attn_ctx", "mlp_ctx", "forward_ctx")
 
-# MAC fractions of the structures timed; 1.0 keeps every head (random widths) and neuron
 # MAC fractions of the structures timed; 1.0 keeps every head (random widths) and neuron.
 # A negative target: that fraction with every other block's attention and FFN removed (fewer
 # branches: what a forward costs apart from its branches is told from what each branch adds)
 TARGETS = (1.0, 0.6, 0.35, -0.6)
-
 
 MIN_SECONDS = 3.0        # the samples of small models span at least this long ...
 MAX_ROUNDS_FACTOR = 10   # ... in at most this many times ``repeats`` rounds
@@ -121,14 +119,9 @@ def _predicted(table: LatencyTable, shape: TableShape, batch: int, s) -> dict[st
     attn, mlp = {}, {}
     for i, blk in enumerate(s.blocks):
         buckets, planned = layer_buckets(s, i, lay)
-        buckets = [b for b in buckets if b[0] > 0 and b[2] > 0]
-        if buckets:
+        if any(h > 0 and v > 0 for h, _, v in buckets):
             be = planned if planned not in (None, "auto") else "torch"
-            sqk = sum(h * qk for h, qk, _ in buckets)
-            sv = sum(h * v for h, _, v in buckets)
-            attn[i] = (table.linear_ms(shape, batch, "qkv", 2 * sqk + sv)
-                       + table.core_ms(shape, batch, buckets, be)
-                       + table.linear_ms(shape, batch, "proj", sv))
+            attn[i] = table.attention_grids_ms(shape, batch, buckets, be)
         if len(blk.mlp):
             mlp[i] = table.value(shape, "mlp", batch, width=len(blk.mlp))
     return {"attn": attn, "mlp": mlp,
@@ -142,7 +135,7 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
                         seed: int = 0,
                         progress: bool = True) -> tuple[dict[str, Grid], dict[str, Any]]:
     """Time calibration models of ``shape`` at ``batch`` (see the module docstring) against
-    the grids measured for it: ``({calib_attn, calib_mlp, branch_ctx}, info)``."""
+    the grids measured for it: ``({name: Grid} for CALIBRATION_GRIDS, info)``."""
     from tqdm import tqdm
 
     dev = torch.device(device)

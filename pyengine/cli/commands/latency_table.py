@@ -91,6 +91,6 @@ def format_summary(table, g, batches) -> str:
             lines.append(f"in a model, batch {b}: attention {table.scale(g, b, 'attn'):.3f} x "
                          f"its grids + {table.branch_ms(g, b, 'attn'):.3f} ms, FFN "
                          f"{table.scale(g, b, 'mlp'):.3f} x + {table.branch_ms(g, b, 'mlp'):.3f}"
-                         f" ms per kept branch, {table.head_ms(g, b) - table.value(g, 'head', b):.3f}"
-                         " ms per forward (whole-model calibration)")
+                         f" ms per kept branch, {table.value(g, 'forward_ctx', b):.3f} ms per"
+                         " forward (whole-model calibration)")
     return "\n".join(lines)
