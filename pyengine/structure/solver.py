@@ -15,12 +15,15 @@ the strategies here are family-free:
   type's mean over all layers, so q/k dims, v dims, heads, neurons or channels compare), then
   the lowest-scored chunks are removed across all layers until the MACs are at or under the
   target. ``round_to=r`` keeps counts at multiples of r: units go in chunks of r,
-  lowest-scored first (the first chunk of a group takes the remainder).
+  lowest-scored first (the first chunk of a group takes the remainder). With a latency
+  budget the removed chunks are then given back, highest-scored first, wherever they fit
+  (a branch's ms barely follows its width, so the ranking alone overshoots).
 * ``allocate(mode="uniform")``: every layer keeps the same fraction of each type (the
   highest-scored ones); the fraction is the largest one at or under the target (bisection).
 * ``project``: starts from the units whose score says keep, then adds or removes single steps
   ranked by their effective keep probability until the MACs are within ``target * (1 +-
-  tolerance)`` (HiAP's gates; ViT).
+  tolerance)`` (HiAP's gates; ViT); where no single step lands in that band, one step
+  exchanged for another in a second layer.
 * ``threshold``: zeroes the smallest ``|factor|`` of a gated model by one global threshold
   until its structure is at or under the target (SSS's scale factors).
 """
@@ -70,10 +73,15 @@ def _keep(count: int, p: float, r: int, least: int) -> int:
     return min(count, max(least, k))
 
 
-def _infeasible(budget, reached, min_heads) -> str:
-    return (f"cannot reach the MAC target: the smallest structure this allocation allows costs "
-            f"{reached:.0f} MACs > budget {budget:.0f} (min_heads={min_heads}; lower min_heads, "
-            f"use granularity 'dim', or raise the target)")
+def _infeasible(ledger, budget, reached) -> str:
+    if getattr(ledger, "unit", "MACs") == "ms":
+        what = f"the latency target: the smallest structure this allocation allows runs " \
+               f"{reached:.4g} ms > budget {budget:.4g} ms"
+    else:
+        what = f"the MAC target: the smallest structure this allocation allows costs " \
+               f"{reached:.0f} MACs > budget {budget:.0f}"
+    return (f"cannot reach {what} (min_heads={ledger.min_heads}; lower min_heads, use "
+            "granularity 'dim', or raise the target)")
 
 
 def _ledger(g, model, **constraints):
@@ -107,13 +115,15 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
                          f"{', '.join(ledger.granularities)}")
     ledger.check_scores(scores)
     if latency is not None:
-        ledger = _LatencyLedger(ledger, latency)
+        ledger = latency.ledger(ledger) if hasattr(latency, "ledger") else _LatencyLedger(ledger, latency)
     budget = target * ledger.dense
     if mode == "uniform":
         _uniform(ledger, ledger.uniform(scores, granularity, round_to, _order, _keep), budget)
     else:
         _global(ledger, ledger.chunks(scores, granularity, round_to, _norm, _order, _chunks),
                 budget)
+        if hasattr(ledger, "refill"):
+            ledger.refill(budget)
     meta = {**(meta or {}), "allocation": mode, "granularity": granularity, "target": target,
             "round_to": round_to, **ledger.meta()}
     spec = ledger.spec(meta)
@@ -137,12 +147,15 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
 class _LatencyLedger:
     """A ViT ledger whose costs are predicted ms (a LatencyModel) instead of MACs."""
 
+    unit = "ms"
+
     def __init__(self, ledger, latency):
         if not hasattr(ledger, "layers") or not hasattr(ledger.layers[0], "heads"):
             raise ValueError("a latency budget needs a ViT (the latency table prices ViT "
                              "layers)")
         self._ledger, self._lat = ledger, latency
         self.dense = latency.dense
+        self._removed: list[tuple[int, tuple]] = []  # (block, units taken per kept list)
 
     def __getattr__(self, name):
         return getattr(self._ledger, name)
@@ -155,6 +168,51 @@ class _LatencyLedger:
 
     def total(self) -> float:
         return self._lat.fixed + sum(self.block_macs(l) for l in range(len(self._ledger.layers)))
+
+    # Removing units one chunk at a time by score overshoots a latency budget: a branch's ms
+    # barely moves with its width (fixed per-layer costs), so the ranking strips many units
+    # before a whole branch goes and the budget is met. ``refill`` gives back what fits.
+    def remove(self, payload):
+        lay = self._ledger.layers[self._ledger.block_of(payload)]
+        before = _kept(lay)
+        l = self._ledger.remove(payload)
+        if l is not None:
+            after = _kept(lay)
+            self._removed.append((l, tuple(tuple(sorted(set(b) - set(a)))
+                                           for b, a in zip(before, after))))
+        return l
+
+    def refill(self, budget: float) -> None:
+        """Give removed chunks back, the last removed (highest score) first, wherever the
+        structure stays within ``budget``; a chunk of a head that is gone now stays out."""
+        cur = self.total()
+        for l, taken in reversed(self._removed):
+            lay = self._ledger.layers[l]
+            old, old_ms = _kept(lay), self.block_macs(l)
+            _give_back(lay, taken)
+            if any(q and not v for q, v in zip(lay.qk, lay.v)):
+                _restore(lay, old)  # q/k dims of a head without v: not a head
+                continue
+            new_ms = self.block_macs(l)
+            if cur - old_ms + new_ms <= budget:
+                cur += new_ms - old_ms
+            else:
+                _restore(lay, old)
+
+
+def _kept(lay) -> list[tuple[int, ...]]:
+    """A ViT block's kept lists, flat: q/k per head, v per head, neurons."""
+    return [tuple(x) for x in lay.qk] + [tuple(x) for x in lay.v] + [tuple(lay.neurons)]
+
+
+def _restore(lay, kept: list) -> None:
+    H = len(lay.qk)
+    lay.qk, lay.v = [list(x) for x in kept[:H]], [list(x) for x in kept[H:2 * H]]
+    lay.neurons = list(kept[-1])
+
+
+def _give_back(lay, taken) -> None:
+    _restore(lay, [sorted(set(k) | set(t)) for k, t in zip(_kept(lay), taken)])
 
 
 def allocate_cnn(scores, g, target: float, mode: str = "global", granularity: str = "channel",
@@ -171,7 +229,7 @@ def _global(ledger, chunks: list, budget: float) -> None:
     cur = ledger.total()
     while cur > budget:
         if not heap:
-            raise ValueError(_infeasible(budget, cur, ledger.min_heads))
+            raise ValueError(_infeasible(ledger, budget, cur))
         _, _, payload = heapq.heappop(heap)
         l = ledger.block_of(payload)
         before = ledger.block_macs(l)
@@ -184,7 +242,7 @@ def _uniform(ledger, build, budget: float) -> None:
     """The largest fraction kept in every layer at or under the budget (bisection)."""
     build(0.0)
     if ledger.total() > budget:
-        raise ValueError(_infeasible(budget, ledger.total(), ledger.min_heads))
+        raise ValueError(_infeasible(ledger, budget, ledger.total()))
     build(1.0)
     if ledger.total() <= budget:
         return
@@ -304,6 +362,12 @@ class _Counts:
             old = self.m
             yield (mean(self.cn, lo, hi), lambda m2=m2: setattr(self, "m", m2),
                    lambda old=old: setattr(self, "m", old))
+        if remove and m2 not in (None, 0) and self.n_allowed[0] == 0:
+            # the whole FFN at once: below a latency table's narrowest width a step of a few
+            # neurons saves nothing, so the step that removes the branch is never reached
+            old = self.m
+            yield (mean(self.cn, 0, old), lambda: setattr(self, "m", 0),
+                   lambda old=old: setattr(self, "m", old))
         n_on = sum(self.on)
         for h in range(len(self.on)):
             if self.on[h]:
@@ -324,6 +388,29 @@ class _Counts:
                 def flip(h=h, v=not remove):
                     self.on[h] = v
                 yield self.p_head[h], flip, (lambda h=h, v=remove: self.on.__setitem__(h, v))
+
+
+def _exchange(removes: list, adds: list, cost: float, lo: float, hi: float):
+    """``(key, i, remove, j, add)``: a removing step of layer i and an adding step of another
+    layer j that together land the cost in ``[lo, hi]``, the best-ranked such pair (lowest
+    keep score removed, highest added); else the pair that lands closest to the band's middle
+    if that is closer than ``cost``; else None. ``removes[i]`` / ``adds[i]``: layer i's
+    ``(score, cost change, apply)`` steps."""
+    goal = (lo + hi) / 2
+    pair, near = None, (abs(cost - goal), None)
+    for i, rem in enumerate(removes):
+        for sr, dr, do_r in rem:
+            for j, add in enumerate(adds):
+                if j == i:
+                    continue  # steps of one layer do not add up
+                for sa, da, do_a in add:
+                    new = cost + dr + da
+                    if lo <= new <= hi:
+                        if pair is None or sr - sa < pair[0]:
+                            pair = (sr - sa, i, do_r, j, do_a)
+                    elif abs(new - goal) < near[0]:
+                        near = (abs(new - goal), (sr - sa, i, do_r, j, do_a))
+    return pair if pair is not None else near[1]
 
 
 def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target: float,
@@ -408,11 +495,29 @@ def project(model: nn.Module, scores: Sequence[tuple[Mapping, Mapping]], target:
                 # ... else the step that lands closest to the goal
                 if closest is None or abs(new - goal) < closest[0]:
                     closest = (abs(new - goal), i, do)
-        if pick is None:
-            if closest is None or closest[0] >= abs(macs - goal):
+        if pick is None and (closest is None or closest[0] >= abs(macs - goal)):
+            # no single step lands in the band or closer to the goal (a latency budget: a
+            # branch's fixed cost makes the smallest step that removes or restores it a big
+            # one): exchange one step for another in a second layer, the pair that lands in
+            # the band with the best ranks (remove the least, add the most probable)
+            for i in range(len(layers)):
+                for rem in (True, False):
+                    if (i, rem) not in cache:
+                        cache[(i, rem)] = layer_moves(i, rem)
+            pair = _exchange([cache[(i, True)] for i in range(len(layers))],
+                             [cache[(i, False)] for i in range(len(layers))], macs, lo, hi)
+            if pair is None:
                 break  # nothing brings it closer: the constraints do not allow the target
-            pick = closest
-        _, i, do = pick
+            _, i, do_r, j, do_a = pair
+            do_r()
+            do_a()
+            for k in (i, j):
+                per[k] = layer_cost(layers[k])
+                cache.pop((k, True), None)
+                cache.pop((k, False), None)
+            macs = fixed + sum(per)
+            continue
+        _, i, do = pick if pick is not None else closest
         do()
         per[i] = layer_cost(layers[i])
         macs = fixed + sum(per)
