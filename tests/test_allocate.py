@@ -153,3 +153,25 @@ def test_min_dims_and_min_neurons(mode):
             assert len(h.qk) >= 3 and len(h.v) >= 3
     with pytest.raises(ValueError, match="min_neurons must be"):
         allocate(rand_scores(), G, 0.3, min_neurons=41)
+
+
+def test_a_model_with_a_class_token_keeps_one_attention_branch():
+    """min_heads=0 lets layers lose their attention, but not all of them while there is a
+    class token (it would never see the image: a constant model)."""
+    import dataclasses
+    # whole branches ranked: the FFNs' branch scores all above the attention ones'
+    scores = [dataclasses.replace(s, attn=0.1 + 0.01 * i, mlp=10.0 + i)
+              for i, s in enumerate(rand_scores())]
+    for g, kept in ((G, 1), (dataclasses.replace(G, num_tokens=16), 0)):
+        s = allocate(scores, g, 0.3, mode="global", granularity="block", min_heads=0,
+                     min_neurons=0)
+        assert sum(len(b.heads) > 0 for b in s.blocks) == kept, [len(b.heads) for b in s.blocks]
+    # the ledger's rule: the last head of the model goes only without prefix tokens
+    from pyengine.models.vit.ledger import ViTLedger
+    for g, last in ((G, None), (dataclasses.replace(G, num_tokens=16), 2)):
+        led = ViTLedger(g, None, min_heads=0)
+        got = [led.remove(("head", l, h, None)) for l in range(3) for h in range(3)]
+        assert got == [0, 0, 0, 1, 1, 1, 2, 2, last], got
+        led = ViTLedger(g, None, min_heads=0)
+        got = [led.remove(("attn", l, None, None)) for l in range(3)]
+        assert got == [0, 1, last], got

@@ -1,10 +1,14 @@
-"""The latency model of a ViT structure on one device: predicted milliseconds from the measured
+"""The latency model of a structure on one device: predicted milliseconds from the measured
 per-device latency table (:mod:`pyengine.cost.latency_table`), and the differentiable expected
-latency of HiAP gate probabilities (the latency twin of :mod:`pyengine.cost.expected`).
+latency of HiAP gate probabilities (the latency twin of :mod:`pyengine.cost.expected`) — for
+ViTs here; CNNs (ResNet, ConvNeXt, EfficientNet / MobileNetV3, RegNet) have their own
+measured per-model table of in-model block times (:mod:`pyengine.cost.cnn_latency_table`) and
+model (:mod:`pyengine.cost.cnn_latency`), which :func:`latency` hands a CNN to.
 
     lat = pyengine.latency(compact, batch=1, dtype=torch.float32, device="cpu")
     lat.ms                      # predicted ms of one batch
     print(lat.table())          # stem, every kept attention / FFN branch, head
+                                # (a CNN: every block, kept or removed, and the fixed rest)
 
 Two predictions, for two uses:
 
@@ -12,10 +16,11 @@ Two predictions, for two uses:
   runs. A spec with a head layout (a compact model's) is priced in that layout; a plain spec
   is first planned as :func:`pyengine.compile` would ("auto": the table's fastest grouping).
 * :class:`LatencyModel` (budgets: HiAP, SSS target mode, one-shot allocation,
-  ``--budget latency``): per attention layer the faster of the exact and the padded layout
-  (on each measured backend), plus the FFN, stem and head. It is cheap (no planner search),
-  and the planner's choice is at most as slow as the exact layout (it keeps the exact one
-  unless another is faster).
+  ``--budget latency``; a CNN's is :class:`~pyengine.cost.cnn_latency.CnnLatencyModel`,
+  for SSS and the one-shot allocation): per attention layer the faster of the exact and the
+  padded layout (on each measured backend), plus the FFN, stem and head. It is cheap (no
+  planner search), and the planner's choice is at most as slow as the exact layout (it keeps
+  the exact one unless another is faster).
 
 The expected latency (:meth:`LatencyModel.expected`) of independent keep probabilities:
 
@@ -104,8 +109,8 @@ def _plain(x) -> bool:
 
 @dataclass
 class LatencyRow:
-    name: str       # "stem", "blocks.3.attn", "blocks.3.mlp", "head"
-    kind: str       # "stem" | "attention" | "mlp" | "head"
+    name: str       # "stem", "blocks.3.attn", "blocks.3.mlp", "head"; CNN: "stages.1.0", "fixed"
+    kind: str       # "stem" | "attention" | "mlp" | "head"; CNN: "block" | "removed" | "fixed"
     ms: float
     detail: str = ""  # attention: buckets (heads x qk/v) and backend; FFN: width
 
@@ -144,10 +149,22 @@ def latency(spec_or_model, batch: int = 1, dtype=torch.float32, device="cpu", *,
     from the device's latency table (measured on first use, cached). ``layout``: how the
     attention heads run ("auto" as :func:`pyengine.compile` plans it, "exact", "padded");
     default: the spec's own layout (a compact model's), "exact" for a plain timm model (its
-    own attention, on the torch path), else (a spec, a gated model) "auto"."""
+    own attention, on the torch path), else (a spec, a gated model) "auto".
+
+    A CNN (a CnnSpec / BlockSpec with dense geometry, its input size and model name, or a
+    dense, gated or compact CNN model) is priced by its own measured table instead
+    (:mod:`pyengine.cost.cnn_latency`: one row per block, kept or removed, and the fixed
+    rest); ``table`` is then a :class:`~pyengine.cost.cnn_latency_table.CnnLatencyTable`."""
+    from pyengine.cost.cnn_latency import cnn_latency, cnn_spec_of
     from pyengine.models.vit.layout import layer_buckets, layout_of, plan, strip_layout
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    cnn = cnn_spec_of(spec_or_model)
+    if cnn is not None:  # a CNN: its own measured table (cost/cnn_latency.py)
+        if layout is not None:
+            raise ValueError(f"layout {layout!r} is how a ViT's attention heads run; a CNN has "
+                             "none")
+        return cnn_latency(cnn, batch, dtype, device, table=table, log=log)
     s = _spec_of(spec_or_model)
     if layout is None and _plain(spec_or_model):
         layout = "exact"  # a plain timm model runs its own attention: one SDPA call per layer

@@ -32,6 +32,8 @@ def predict(models: Mapping[str, nn.Module], batches: Sequence[int], device="cpu
     for name, m in models.items():
         try:
             s = pyengine.spec(m)
+            if _cnn_predict(s, batches, device, dtype, out[name], notes, name):
+                continue
             if getattr(s, "dense", None) is None or not hasattr(s.dense, "num_tokens"):
                 raise LatencyTableError("the latency model covers ViTs")
             key = TableShape.of(s.dense).key
@@ -51,6 +53,27 @@ def predict(models: Mapping[str, nn.Module], batches: Sequence[int], device="cpu
         except (LatencyTableError, ValueError, TypeError, AttributeError) as e:
             notes.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return out, ("; ".join(notes) or None)
+
+
+def _cnn_predict(s, batches, device, dtype, out: dict, notes: list, name: str) -> bool:
+    """A CNN's predictions from its cached tables (one per batch; measuring a CNN's table at
+    a large batch takes minutes, so only a latency budget's batch is measured, by the
+    budget): False when ``s`` is not a CNN spec."""
+    import pyengine
+    from pyengine.cost.cnn_latency import cnn_spec_of
+    from pyengine.cost.cnn_latency_table import get_cnn_table
+    if cnn_spec_of(s) is None:
+        return False
+    missing = []
+    for b in batches:
+        t = get_cnn_table(s.dense, s.model, device, dtype, int(b), measure=False)
+        if t is None:
+            missing.append(str(b))
+            continue
+        out[str(b)] = pyengine.latency(s, batch=int(b), dtype=dtype, device=device, table=t).ms
+    if missing:
+        notes.append(f"{name}: no cached CNN latency table at batch {', '.join(missing)}")
+    return True
 
 
 def latency_report(models: Mapping[str, nn.Module], device="cpu", batches: Sequence[int] = (1, 64),
@@ -95,6 +118,10 @@ def _image_shape(model: nn.Module) -> tuple[int, ...]:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
-    if size is None:
+    if size is None:  # a CNN: the input size its geometry records (the cost model's)
+        import pyengine
+        g = pyengine.geometry(model)
+        if getattr(g, "img_size", 0):
+            return (int(g.in_chans), int(g.img_size), int(g.img_size))
         raise ValueError("pass img_shape: the model has no patch_embed.img_size")
     return (int(chans), int(size[0]), int(size[1]))

@@ -41,7 +41,7 @@ from pyengine.errors import SettingError
 
 __all__ = ["Budget", "Training", "MethodContext", "Method", "register_method", "get_method",
            "methods", "run_method", "split_options", "check_config", "check_values",
-           "check_geometry", "resolve_latency_budget"]
+           "check_geometry", "resolve_latency_budget", "require_expected_latency"]
 
 
 @dataclass
@@ -64,11 +64,13 @@ class Budget:
         "help": "round kept dims per head and neurons per FFN to multiples of K (e.g. 8 for "
                 "tensor cores)", "metavar": "K"})
     # the budget's unit: MACs, or the latency predicted by the device's latency table
-    # (cost/latency.py; ViTs), on the training device in float32 at latency_batch
+    # (cost/latency.py: ViTs; cost/cnn_latency.py: CNNs, one-shot methods and SSS), on the
+    # training device in float32 at latency_batch
     budget: str = field(default="macs", metadata={
         "choices": ["macs", "latency"],
         "help": "what --target is a fraction of: dense MACs (default) or the dense model's "
-                "latency predicted on --device by its latency table (ViTs)"})
+                "latency predicted on --device by its latency table (ViTs; CNNs with the "
+                "one-shot methods and SSS)"})
     target_ms: float | None = field(default=None, metadata={
         "help": "absolute latency budget in ms per batch of --latency-batch images (with "
                 "--budget latency; replaces --target)", "metavar": "MS"})
@@ -130,6 +132,8 @@ class Method:
     """A way of finding a structure. Subclasses set ``Config`` and implement :meth:`prune`."""
 
     name = "base"
+    # a latency budget prices its gate probabilities (LatencyModel.expected: ViTs only)
+    needs_expected_latency = False
 
     @dataclass
     class Config:
@@ -269,17 +273,25 @@ def check_config(budget: Budget, training: Training) -> None:
 
 
 def resolve_latency_budget(budget: Budget, training: Training, model: nn.Module,
-                           log: Callable[[str], None] | None = None):
+                           log: Callable[[str], None] | None = None, method: str | None = None):
     """``(budget, latency model)``: the latency model of ``model`` on the training device
     (float32, ``budget.latency_batch``) and the budget with ``target_ms`` turned into the
-    fraction ``target`` of the dense prediction. A budget in MACs comes back unchanged."""
+    fraction ``target`` of the dense prediction. A budget in MACs comes back unchanged.
+    A CNN gets a :class:`~pyengine.cost.cnn_latency.CnnLatencyModel` (its measured block
+    table); ``method`` (its name) is refused there when it needs an expected latency of gate
+    probabilities (HiAP), which CNNs do not have yet."""
     if budget.budget != "latency":
         return budget, None
+    from pyengine.cost.cnn_latency import CnnLatencyModel, cnn_spec_of
     from pyengine.cost.latency import LatencyModel
     from pyengine.cost.latency_table import LatencyTableError
+    if method is not None:
+        require_expected_latency(method, model)
+    cnn = cnn_spec_of(model) is not None
     try:
-        lm = LatencyModel.for_model(model, training.device, batch=int(budget.latency_batch),
-                                    log=log, progress=bool(training.progress))
+        make = CnnLatencyModel.for_model if cnn else LatencyModel.for_model
+        lm = make(model, training.device, batch=int(budget.latency_batch), log=log,
+                  progress=bool(training.progress))
     except LatencyTableError as e:
         raise SettingError("budget", f"budget latency: {e}") from None
     if budget.target_ms is not None:
@@ -298,6 +310,18 @@ def resolve_latency_budget(budget: Budget, training: Training, model: nn.Module,
             f"{lm.dense:.4g} ms = {budget.target * lm.dense:.4g} ms (batch "
             f"{budget.latency_batch}, {lm.table.device} {lm.table.dtype})")
     return budget, lm
+
+
+def require_expected_latency(method: str, model: nn.Module) -> None:
+    """Refuse a latency budget for ``method`` on a CNN ``model`` when the method needs the
+    expected latency of gate probabilities (HiAP's budget loss): CNNs have no differentiable
+    latency model yet, only the predicted latency of hard structures."""
+    from pyengine.cost.cnn_latency import cnn_spec_of
+    if getattr(get_method(method), "needs_expected_latency", False) and \
+            cnn_spec_of(model) is not None:
+        raise SettingError("budget", f"{method} with --budget latency needs a differentiable "
+                           "expected latency, which CNNs do not have yet: use --budget macs, "
+                           "or a one-shot method (e.g. --method agf) or sss")
 
 
 def check_geometry(budget: Budget, geometry) -> None:

@@ -28,7 +28,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from pyengine.methods.base import Method, MethodContext, register_method
+from pyengine.methods.base import (Method, MethodContext, register_method,
+                                   require_expected_latency)
 from pyengine.structure.gates import Gates, _consistent, register_gates
 
 __all__ = ["HiAPGates", "TemperatureSchedule", "HiAPLoss", "hiap_gates", "gate_parameters",
@@ -355,6 +356,8 @@ class HiAP(Method):
     """Gate the model with HiAP, learn the structure with CE + KD + budget + feasibility, and
     fix the final hard structure at the budget's target (see :func:`finalize`)."""
 
+    needs_expected_latency = True  # the budget loss of a latency budget: LatencyModel.expected
+
     @dataclass
     class Config:
         tau_start: float = field(default=2.0, metadata={
@@ -384,6 +387,8 @@ class HiAP(Method):
         from pyengine.api import gate
         from pyengine.train.trainer import default_param_groups, fit, row_printer
 
+        if ctx.budget.budget == "latency":
+            require_expected_latency(self.name, model)  # a CNN: no expected latency yet
         latency = ctx.latency_model(model)  # None: the budget is in MACs
         b, t = ctx.budget, ctx.training
         gate(model, method="hiap", init=float(config.gate_init), tau=float(config.tau_start))

@@ -308,7 +308,7 @@ def run(job: PruneJob, log: Callable[[str], None] = print) -> dict:
     check_geometry(b, geometry(model))  # e.g. min_heads above the model's heads
     # a latency budget: the device's table (measured once) and target_ms -> target, before
     # any training (a target below the predicted floor fails here)
-    b, latency = resolve_latency_budget(b, t, model, log)
+    b, latency = resolve_latency_budget(b, t, model, log, method=job.method)
     times: dict[str, float] = {}
 
     # ---- the dense model: a checkpoint, a previous run's (resume), or trained here

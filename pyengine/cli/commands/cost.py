@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", help="also write the cost as JSON here")
     p.add_argument("--latency", action="store_true",
                    help="also predict the latency (ms per batch) from the latency table of "
-                        "--latency-device (measured once and cached; ViTs)")
+                        "--latency-device (measured once and cached; ViTs and CNNs)")
     p.add_argument("--latency-device", default="cpu",
                    help="torch device whose latency table predicts --latency (default cpu)")
 

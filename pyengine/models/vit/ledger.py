@@ -9,7 +9,8 @@ Granularity (what is removed):
 * ``"head"``:  whole heads and FFN neurons.
 * ``"block"``: whole attention and FFN branches (global mode only).
 
-``min_heads`` heads per layer always stay (0 lets a layer lose its whole attention branch);
+``min_heads`` heads per layer always stay (0 lets a layer lose its whole attention branch,
+but not every layer: a model with a class token keeps one attention branch);
 ``min_neurons`` neurons per FFN (0 lets a whole FFN go).
 """
 from __future__ import annotations
@@ -138,12 +139,12 @@ class ViTLedger:
             rest = [d for d in lay.v[h] if d not in members]
             if len(rest) < self.min_dims:
                 # the head goes whole (its remaining v and q/k dims), if min_heads allows
-                if len(lay.heads()) - 1 < self.min_heads:
+                if len(lay.heads()) - 1 < self.min_heads or self._last_attention(l):
                     return None
                 lay.qk[h], rest = [], []
             lay.v[h] = rest
         elif kind == "head":
-            if len(lay.heads()) - 1 < self.min_heads:
+            if len(lay.heads()) - 1 < self.min_heads or self._last_attention(l):
                 return None
             lay.qk[h], lay.v[h] = [], []
         elif kind == "neuron":
@@ -152,7 +153,7 @@ class ViTLedger:
                 return None
             lay.neurons = rest
         elif kind == "attn":
-            if self.min_heads > 0:
+            if self.min_heads > 0 or self._last_attention(l, whole=True):
                 return None
             lay.qk = [[] for _ in lay.qk]
             lay.v = [[] for _ in lay.v]
@@ -161,6 +162,19 @@ class ViTLedger:
                 return None
             lay.neurons = []
         return l
+
+    def _last_attention(self, l: int, whole: bool = False) -> bool:
+        """Would removing a head of layer ``l`` (``whole``: its attention branch) leave no
+        attention in the model while it has prefix tokens? Then the class token never sees
+        the image and the model's output is constant; the ranking alone does that under a
+        latency budget (a branch's ms barely follows its width, so everything thins out)."""
+        g = self.g
+        if not (g.num_tokens and g.num_patches and g.num_tokens > g.num_patches):
+            return False
+        lay = self.layers[l]
+        if not whole and len(lay.heads()) > 1:
+            return False
+        return not any(other.heads() for i, other in enumerate(self.layers) if i != l)
 
     # ---- per-layer uniform: the structure keeping fraction p of every layer
     def uniform(self, scores, granularity: str, r: int, order, keep):
