@@ -77,7 +77,15 @@ def main(argv=None) -> int:
                                                 "OUT.runs/")
     p.add_argument("--resummarize", action="store_true",
                    help="read OUT.json and write its summary and OUT.png again (no runs)")
+    p.add_argument("--remeasure", type=int, default=0, metavar="N",
+                   help="time every run's pruned model in OUT.json against the dense model "
+                        "again: N samples each, alternating sample by sample (the in-run "
+                        "timing: 10 each in 5 passes); the in-run figures are kept as "
+                        "*_in_run")
     a = p.parse_args(argv)
+    if a.remeasure:
+        _remeasure(a)
+        return _resummarize(a)
     if a.resummarize:
         return _resummarize(a)
     torch.set_num_threads(a.threads)
@@ -169,6 +177,54 @@ def _resummarize(a) -> int:
     write_text(log, (log.read_text() if log.is_file() else "") + "\n".join(lines) + "\n")
     _plot(doc["runs"], cfg, out.with_name(out.name + ".png"))
     return 0
+
+
+def _remeasure(a) -> None:
+    """Time each run of OUT.json again: its saved pruned model and the dense architecture
+    (random weights: the time does not depend on them), interleaved, longer than in the run
+    (this VM's speed drifts over seconds; a longer window averages more of it)."""
+    import json as _json
+
+    import pyengine
+    from pyengine.measure.latency_report import latency_report
+    from pyengine.experiments.demo import DEMO, DEMO_MODEL
+    out = Path(a.out)
+    path = out.with_name(out.name + ".json")
+    doc = _json.loads(path.read_text())
+    cfg = doc["config"]
+    torch.set_num_threads(int(cfg["threads"]))
+    lat_batches = tuple(_ints(cfg["latency_batches"]))
+    lines = [f"== measured again ({' '.join(sys.argv)}): {a.remeasure} samples per model, "
+             f"dense and pruned alternating, {torch.get_num_threads()} threads"]
+    if cfg.get("demo"):
+        dense = pyengine.create_model("digits_vit", img_size=DEMO["img_size"], num_classes=10,
+                                      **DEMO_MODEL).eval()
+    else:
+        dense = pyengine.create_model(cfg["model"], img_size=cfg["img_size"],
+                                      **(cfg["model_kwargs"] or {})).eval()
+    for r in doc["runs"]:
+        pruned = pyengine.load(r["dir"]).eval()
+        rep = latency_report({"dense": dense, "pruned": pruned}, "cpu", lat_batches,
+                             repeats=a.remeasure, rounds=a.remeasure)
+        r["latency"]["measured_ms_in_run"] = r["latency"]["measured_ms"]
+        r["latency"]["measured_ms"] = rep["measured_ms"]
+        for b in lat_batches:
+            for k in ("measured_ms", "dense_ms", "measured_ratio"):
+                r.setdefault(f"{k}_b{b}_in_run", r[f"{k}_b{b}"])
+            pm = rep["measured_ms"]["pruned"][str(b)]["median_ms"]
+            dm = rep["measured_ms"]["dense"][str(b)]["median_ms"]
+            r[f"measured_ms_b{b}"], r[f"dense_ms_b{b}"], r[f"measured_ratio_b{b}"] = \
+                pm, dm, pm / dm
+        text = (f"seed {r['seed']} {r['method']} {r['budget']} {r['target']:g}: " + ", ".join(
+            f"b{b} {r[f'measured_ratio_b{b}']:.3f} of dense (in the run "
+            f"{r[f'measured_ratio_b{b}_in_run']:.3f})" for b in lat_batches))
+        print(text, flush=True)
+        lines.append(text)
+    doc.setdefault("remeasured", []).append({"argv": sys.argv, "rounds": a.remeasure,
+                                             "env": environment("cpu")})
+    write_json(doc, path)
+    log = out.with_name(out.name + ".log")
+    write_text(log, (log.read_text() if log.is_file() else "") + "\n".join(lines) + "\n")
 
 
 def _demo_job(d: Path, seed: int, method: str, unit: str, target: float, a, dense_ckpt,
