@@ -35,9 +35,10 @@ from pyengine.structure.spec import make_conv_block
 
 
 def random_structure(g, model: str, rng: random.Random, lo: float, hi: float,
-                     p_remove: float):
+                     p_remove: float, round_to: int = 1):
     """Per block: removed with probability ``p_remove`` (where it can be), else each slot keeps
-    a random fraction in [lo, hi] of its units (random units, at least one)."""
+    a random fraction in [lo, hi] of its units (random units, at least one), rounded to a
+    multiple of ``round_to`` channels."""
     from pyengine.models import adapter_for_geometry
     slots, rm, it = block_slots(g), block_removable(g), iter(range(len(block_slots(g))))
     stages = []
@@ -52,6 +53,10 @@ def random_structure(g, model: str, rng: random.Random, lo: float, hi: float,
             for name, c, grp in slots[i]:
                 u = c // grp
                 k = min(u, max(1, round(rng.uniform(lo, hi) * u)))
+                # kept channels in multiples of round_to, as a pruner rounds them for the CPU
+                # and GPU kernels (unaligned counts run slower than their MACs say)
+                step = round_to // grp if round_to % grp == 0 and round_to > grp else 1
+                k = min(u, max(step, step * round(k / step)))
                 ch[name] = [x * grp + j for x in sorted(rng.sample(range(u), k))
                             for j in range(grp)]
             st.append(make_conv_block(True, **ch))
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
                    help="kept fraction of each slot drawn uniformly in LO,HI")
     p.add_argument("--p-remove", type=float, default=0.2,
                    help="probability that a removable block is removed")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="kept channels in multiples of this (1: any count)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=2)
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     specs, compacts = {}, {}
     for i in range(a.structures):
-        specs[i] = random_structure(g, a.model, rng, lo, hi, a.p_remove)
+        specs[i] = random_structure(g, a.model, rng, lo, hi, a.p_remove, a.round_to)
         gated = pyengine.gate(copy.deepcopy(dense))
         pyengine.apply(gated, specs[i])
         compacts[i] = pyengine.compile(gated).eval()
