@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pyengine import ops
+from pyengine.models.packed_linear import PackedLinear
 from pyengine.models.vit.layout import BlockLayout, exact_block
 from pyengine.structure.spec import Block as BlockSpec
 from pyengine.structure.spec import Head
@@ -87,8 +88,8 @@ class CompactAttention(nn.Module):
         self.planned_device = planned_device or ""
         sqk, sv = sum(self.qk_dims), sum(self.v_dims)
         self.splits = [sqk, sqk, sv]
-        self.qkv = nn.Linear(dim, 2 * sqk + sv, bias=qkv_bias)
-        self.proj = nn.Linear(sv, dim, bias=proj_bias)
+        self.qkv = PackedLinear(dim, 2 * sqk + sv, bias=qkv_bias)
+        self.proj = PackedLinear(sv, dim, bias=proj_bias)
         self.proj_drop = nn.Identity()
 
     def run_backend(self, device_type: str, needs_grad: bool = False) -> str:
@@ -221,6 +222,8 @@ def compact_block(block: nn.Module, bspec: BlockSpec, copy_weights: bool,
         m = len(bspec.mlp)
         new_mlp = Mlp(mlp.fc1.in_features, m, mlp.fc2.out_features,
                       bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
+        new_mlp.fc1 = PackedLinear(mlp.fc1.in_features, m, bias=mlp.fc1.bias is not None)
+        new_mlp.fc2 = PackedLinear(m, mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
         new_mlp.act = copy.deepcopy(mlp.act)
         new_mlp.drop1, new_mlp.drop2 = copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
         new_mlp.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)

@@ -1,0 +1,70 @@
+"""A Linear layer that runs fp32 CPU inference on a weight prepacked for oneDNN.
+
+``F.linear`` on the CPU hands the weight to the BLAS, which repacks it into its blocked layout
+on every call; at the row counts of a ViT at small batch (197 tokens) that repacking is 5-20% of
+a layer's time. Inference does not change the weight, so the packed copy is made once (per
+weight version and row count hint) and reused: what torch.compile's freezing does, in eager.
+
+Used where a compact model is built (:mod:`pyengine.models.vit.compact`). The state dict is a
+plain Linear's; the packed copy is a cache (dropped on copy and pickling, rebuilt on use).
+Anything else (training, autograd, other devices or dtypes, torch.compile tracing, a torch
+without oneDNN) runs ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PackedLinear", "available"]
+
+
+def available() -> bool:
+    """oneDNN and its prepacked linear ops are in this torch build."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+_AVAILABLE = available()
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` whose fp32 CPU inference (no autograd) uses a prepacked weight."""
+
+    def _eligible(self, x: torch.Tensor) -> bool:
+        return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled()
+                         and (x.requires_grad or self.weight.requires_grad
+                              or (self.bias is not None and self.bias.requires_grad))))
+
+    def _packed(self, rows: int) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, rows)
+        cache = self.__dict__.get("_pack")
+        if cache is None or cache[0] != key:
+            # the row count is a hint for the packed layout; the result is valid for any
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+            self.__dict__["_pack"] = cache = (key, packed)
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._eligible(x):
+            return F.linear(x, self.weight, self.bias)
+        packed = self._packed(x.numel() // x.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    def __getstate__(self):  # copies and pickles carry no cache (an opaque oneDNN tensor)
+        state = self.__dict__.copy()
+        state.pop("_pack", None)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_pack", None)  # .to()/.half()/... : the weight is another tensor
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", packed for CPU inference"
+

@@ -1,0 +1,88 @@
+"""PackedLinear: fp32 CPU inference on a prepacked oneDNN weight equals the float64 linear;
+autograd, other dtypes and copies take the plain path; the cache follows the weight."""
+import copy
+
+import pytest
+import torch
+
+import pyengine
+from pyengine.models.packed_linear import PackedLinear, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="torch built without oneDNN")
+
+
+def _ref(layer, x):
+    b = None if layer.bias is None else layer.bias.double()
+    return torch.nn.functional.linear(x.double(), layer.weight.double(), b)
+
+
+@pytest.mark.parametrize("fin,fout", [(1, 7), (7, 1), (40, 40), (384, 936)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1,), (197,), (3, 17), (2, 5, 3)])
+def test_packed_inference_equals_the_float64_linear(fin, fout, bias, shape):
+    gen = torch.Generator().manual_seed(fin * 1000 + fout)
+    layer = PackedLinear(fin, fout, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(fout, fin, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(fout, generator=gen))
+    x = torch.randn(*shape, fin, generator=gen)
+    with torch.inference_mode():
+        y = layer(x)
+    assert "_pack" in layer.__dict__  # the packed path ran
+    assert y.shape == (*shape, fout) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _ref(layer, x), rtol=1e-5, atol=1e-4 * fin ** 0.5)
+
+
+def test_the_packed_weight_follows_the_weight():
+    torch.manual_seed(0)
+    layer = PackedLinear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)
+        first = layer.__dict__["_pack"][1]
+        layer.weight.mul_(-3.0)  # in place: a new version
+        torch.testing.assert_close(layer(x).double(), _ref(layer, x), rtol=1e-5, atol=1e-5)
+        assert layer.__dict__["_pack"][1] is not first
+        layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.zeros(8)})
+        torch.testing.assert_close(layer(x).double(), _ref(layer, x), rtol=1e-5, atol=1e-5)
+    c = copy.deepcopy(layer)  # copies carry no cache
+    assert "_pack" not in c.__dict__ and torch.equal(c.weight, layer.weight)
+    layer.double()  # another dtype: the plain path, no stale cache
+    assert "_pack" not in layer.__dict__
+    with torch.no_grad():
+        y = layer(x.double())
+    assert y.dtype == torch.float64 and "_pack" not in layer.__dict__
+
+
+def test_autograd_takes_the_plain_path():
+    torch.manual_seed(0)
+    layer = PackedLinear(12, 5)
+    x = torch.randn(3, 12, requires_grad=True)
+    y = layer(x)
+    assert "_pack" not in layer.__dict__
+    y.square().sum().backward()
+    ref = copy.deepcopy(layer)
+    xr = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(xr, ref.weight, ref.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+
+
+def test_compact_vit_layers_are_packed_and_equal_the_gated_model():
+    torch.manual_seed(0)
+    m = pyengine.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                              num_classes=5).eval()
+    g = pyengine.gate(m)
+    from pyengine.models import adapter_for
+    s = adapter_for(g).synthetic_spec(g, 0.5, seed=0, name="vit_tiny_patch16_224")
+    pyengine.apply(g, s)
+    c = pyengine.compile(g).eval()
+    lin = [mod for mod in c.modules() if isinstance(mod, PackedLinear)]
+    # qkv + proj per kept attention branch, fc1 + fc2 per kept FFN
+    assert len(lin) == 2 * sum(b.has_attn + b.has_mlp for b in s.blocks) > 0
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        ref, got = g(x), c(x)
+    assert any("_pack" in mod.__dict__ for mod in lin)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
