@@ -1,6 +1,7 @@
 """Fake latency tables for tests: grids filled from formulas instead of timings."""
 import torch
 
+from pyengine.models.packed_linear import LINEAR_KIND
 from pyengine.cost.latency_table import (Grid, LatencyTable, TableShape, _extension_id,
                                          device_key)
 from pyengine.measure.latency_grid import default_points, _grid_shape
@@ -18,7 +19,8 @@ def fake_table(geometry, batches=(1, 8), candidates=("torch",), attn=None, runs=
     linear = linear or (lambda kind, b, w: 0.005 + 1e-5 * b * w)
     pts = default_points(shape)
     t = LatencyTable(device or device_key("cpu"), dtype,
-                     {"note": "fake", "torch": torch.__version__, "extension_id": _extension_id()})
+                     {"note": "fake", "torch": torch.__version__, "extension_id": _extension_id(),
+                      "linear": LINEAR_KIND})
     for b in batches:
         grids = {}
         for be in candidates:

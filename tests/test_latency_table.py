@@ -177,11 +177,19 @@ def test_cache_is_read_completed_and_renewed(tmp_path, monkeypatch):
     path.write_text(json.dumps(d))
     lt.get_table(g, "cpu", dt, batches=(1,), progress=False)
     assert calls[-1] == 1 and lt.load_table("cpu", dt).env["torch"] == torch.__version__
+    # ... and so is one whose linear layers were timed unlike the compact models run them
+    from pyengine.models.packed_linear import LINEAR_KIND
+    d = json.loads(path.read_text())
+    assert d["env"]["linear"] == LINEAR_KIND
+    d["env"]["linear"] = "something else"
+    path.write_text(json.dumps(d))
+    lt.get_table(g, "cpu", dt, batches=(1,), progress=False)
+    assert len(calls) == 5 and lt.load_table("cpu", dt).env["linear"] == LINEAR_KIND
     # measuring off: what the cache has is used, nothing is measured
     monkeypatch.setenv("PYENGINE_LATENCY", "off")
     assert lt.get_table(g, "cpu", dt, batches=(1,)) is not None
     assert lt.get_table(g, "cpu", dt, batches=(64,)) is None
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_measured_grids_have_the_documented_shape():

@@ -34,6 +34,18 @@ def test_packed_inference_equals_the_float64_linear(fin, fout, bias, shape):
     torch.testing.assert_close(y.double(), _ref(layer, x), rtol=1e-5, atol=1e-4 * fin ** 0.5)
 
 
+def test_one_packed_weight_serves_every_row_count():
+    torch.manual_seed(0)
+    layer = PackedLinear(40, 24)
+    with torch.inference_mode():
+        for rows in (197, 1, 1576, 7, 197):
+            x = torch.randn(rows, 40)
+            torch.testing.assert_close(layer(x).double(), _ref(layer, x), rtol=1e-5, atol=1e-4)
+            if rows == 197:
+                first = layer.__dict__["_pack"][1]
+            assert layer.__dict__["_pack"][1] is first  # packed once
+
+
 def test_the_packed_weight_follows_the_weight():
     torch.manual_seed(0)
     layer = PackedLinear(16, 8)

@@ -616,6 +616,10 @@ def _stale(table: LatencyTable) -> str | None:
         return f"measured with torch {tv}, this is {torch.__version__}"
     if table.env.get("extension_id", None) != _extension_id():
         return "measured with another build of pyengine._C"
+    from pyengine.models.packed_linear import LINEAR_KIND
+    if table.env.get("linear", "plain") != LINEAR_KIND:
+        return f"its linear layers were timed as {table.env.get('linear', 'plain')!r}, the " \
+               f"compact models run {LINEAR_KIND!r}"
     return None
 
 
@@ -674,8 +678,10 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
         return table if table is not None and table.has(shape, batches) else None
     if table is None:
         from pyengine.measure.timing import environment
+        from pyengine.models.packed_linear import LINEAR_KIND
         table = LatencyTable(key, dtype_name(dt), {**environment(dev),
-                                                   "extension_id": _extension_id()})
+                                                   "extension_id": _extension_id(),
+                                                   "linear": LINEAR_KIND})
     missing = [b for b in batches if not table.has(shape, [b], wanted)]
     if missing and log:
         log(f"measuring the {key} {dtype_name(dt)} latency table for shape "

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pyengine.cost.latency_table import Grid, TableShape
+from pyengine.models.packed_linear import PackedLinear, pack_mlp
 from pyengine.measure.timing import measure
 
 __all__ = ["CANDIDATES", "candidate_backends", "default_points", "measure_grids"]
@@ -164,18 +165,18 @@ def _linear_fns(shape: TableShape, batch: int, device, dtype, which: str,
     if which == "qkv":
         x = torch.randn(batch, N, D, device=device, dtype=dtype)
         for w in widths:
-            lin = nn.Linear(D, w).to(device=device, dtype=dtype)
+            lin = PackedLinear(D, w).to(device=device, dtype=dtype)
             fns[str(w)] = (lambda lin=lin: lin(x))
     elif which == "proj":
         for w in widths:
-            lin = nn.Linear(w, D).to(device=device, dtype=dtype)
+            lin = PackedLinear(w, D).to(device=device, dtype=dtype)
             xw = torch.randn(batch, N, w, device=device, dtype=dtype)
             fns[str(w)] = (lambda lin=lin, xw=xw: lin(xw))
     else:  # mlp
         from timm.layers import Mlp
         x = torch.randn(batch, N, D, device=device, dtype=dtype)
         for w in widths:
-            m = Mlp(D, w).to(device=device, dtype=dtype).eval()
+            m = pack_mlp(Mlp(D, w).to(device=device, dtype=dtype).eval())
             fns[str(w)] = (lambda m=m: m(x))
     return fns
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedLinear", "available"]
+__all__ = ["PackedLinear", "available", "pack_mlp", "LINEAR_KIND"]
 
 
 def available() -> bool:
@@ -27,6 +27,9 @@ def available() -> bool:
 
 
 _AVAILABLE = available()
+# what the compact models' linear layers run on the CPU; a latency table records it (a table
+# measured on the other kind is stale: cost/latency_table.py)
+LINEAR_KIND = "onednn-packed" if _AVAILABLE else "plain"
 
 
 class PackedLinear(nn.Linear):
@@ -42,10 +45,13 @@ class PackedLinear(nn.Linear):
 
     def _packed(self, rows: int) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, rows)
+        # an inference tensor has no version counter (made under inference_mode: weights
+        # built there are not edited in place afterwards)
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version)
         cache = self.__dict__.get("_pack")
         if cache is None or cache[0] != key:
-            # the row count is a hint for the packed layout; the result is valid for any
+            # the row count is a hint for the packed layout (the first call's); the packed
+            # weight is valid for any, so a new batch size does not repack
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
             self.__dict__["_pack"] = cache = (key, packed)
         return cache[1]
@@ -68,3 +74,16 @@ class PackedLinear(nn.Linear):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed for CPU inference"
 
+
+def pack_mlp(mlp: nn.Module) -> nn.Module:
+    """Give a timm ``Mlp`` PackedLinear ``fc1``/``fc2`` (same shapes, weights, device, dtype)."""
+    for name in ("fc1", "fc2"):
+        old = getattr(mlp, name)
+        new = PackedLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        setattr(mlp, name, new)
+    return mlp

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pyengine import ops
-from pyengine.models.packed_linear import PackedLinear
+from pyengine.models.packed_linear import PackedLinear, pack_mlp
 from pyengine.models.vit.layout import BlockLayout, exact_block
 from pyengine.structure.spec import Block as BlockSpec
 from pyengine.structure.spec import Head
@@ -222,8 +222,7 @@ def compact_block(block: nn.Module, bspec: BlockSpec, copy_weights: bool,
         m = len(bspec.mlp)
         new_mlp = Mlp(mlp.fc1.in_features, m, mlp.fc2.out_features,
                       bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None))
-        new_mlp.fc1 = PackedLinear(mlp.fc1.in_features, m, bias=mlp.fc1.bias is not None)
-        new_mlp.fc2 = PackedLinear(m, mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
+        pack_mlp(new_mlp)
         new_mlp.act = copy.deepcopy(mlp.act)
         new_mlp.drop1, new_mlp.drop2 = copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
         new_mlp.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
