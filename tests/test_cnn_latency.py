@@ -197,24 +197,20 @@ def test_measured_table_is_exact_at_its_grid_and_monotone(measured, name):
     assert e.info["repeats"] >= QUICK["repeats"]
 
 
-def test_prediction_of_random_resnet_structures_is_sane(measured):
-    """Not a speed target: predictions of random resnet18 structures at 32 px within a
-    factor 2 of the measured time (all timed interleaved with the timing harness)."""
-    from pyengine.measure.timing import measure
+def test_random_resnet_structures_are_priced_between_the_grid_ends(measured):
+    """Random resnet18 structures (odd widths, removed blocks): the compiled model is priced as
+    its spec, within [all blocks removed or narrowest, dense]. How close predictions come to
+    measured times is a benchmark's question (bench/latency_prediction_cnn.py), not a unit
+    test's: timings here would depend on the machine's load."""
     g, lm = measured["resnet18"]
-    x = torch.randn(1, 3, IMG, IMG)
-    models, specs = {}, {}
     for seed in range(3):
         s = random_structure(g, "resnet18", seed)
         gated = pyengine.gate(_model("resnet18"))
         pyengine.apply(gated, s)
-        models[seed], specs[seed] = pyengine.compile(gated).eval(), s
-    st = measure({k: (lambda m=m: m(x)) for k, m in models.items()}, warmup=2, repeats=10,
-                 device="cpu").stats()
-    for k, s in specs.items():
-        ratio = lm.spec_ms(s) / st[k]["median_ms"]
-        assert 0.5 <= ratio <= 2.0, (k, ratio, lm.spec_ms(s), st[k])
-        assert pyengine.latency(models[k], table=lm.table).ms == lm.spec_ms(s)
+        compact = pyengine.compile(gated).eval()
+        ms = lm.spec_ms(s)
+        assert pyengine.latency(compact, table=lm.table).ms == ms
+        assert lm.fixed < ms <= lm.dense
 
 
 # ---- (d) the cache --------------------------------------------------------------------------

@@ -58,8 +58,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from pyengine.cost.dtypes import as_dtype, dtype_name
-from pyengine.cost.latency_table import (LatencyTableError, cache_dir, device_key,
-                                         measuring_enabled)
+from pyengine.cost.latency_table import (LatencyTableError, cache_dir, check_header, device_key,
+                                         load_cached, measuring_enabled)
 
 __all__ = ["FORMAT", "BlockGrid", "CnnEntry", "CnnLatencyTable", "cnn_table_path", "cnn_key",
            "block_slots", "block_removable", "block_widths", "get_cnn_table", "monotone"]
@@ -300,14 +300,7 @@ class CnnLatencyTable:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "CNN latency table"
                   ) -> "CnnLatencyTable":
-        if not isinstance(d, Mapping):
-            raise LatencyTableError(f"{where}: a CNN latency table is a JSON object")
-        if d.get("format") != FORMAT:
-            raise LatencyTableError(f"{where}: format {d.get('format')!r}, this pyengine reads "
-                                    f"{FORMAT!r}")
-        for k in ("device", "dtype", "models"):
-            if k not in d:
-                raise LatencyTableError(f"{where}: missing {k!r}")
+        check_header(d, where, FORMAT, "models")
         models = {}
         for key, m in d["models"].items():
             w = f"{where}: models[{key!r}]"
@@ -354,22 +347,14 @@ def get_cnn_table(g, model: str, device: str | torch.device | None = None, dtype
     dt = as_dtype(dtype)
     key = device_key(dev)
     p = Path(path) if path is not None else cnn_table_path(dev, dt)
-    table = None
-    if p.is_file():
-        try:
-            table = CnnLatencyTable.load(p)
-        except LatencyTableError as e:
-            if log:
-                log(f"CNN latency table {p} is unreadable ({e}); measuring a new one")
-        if table is not None and (table.device != key or table.dtype != dtype_name(dt)):
-            raise LatencyTableError(f"{p} holds the table of {table.device}/{table.dtype}, "
-                                    f"not {key}/{dtype_name(dt)}")
-        tv = table.env.get("torch") if table is not None else None
-        if tv is not None and tv != torch.__version__:
-            if log:
-                log(f"CNN latency table {p} is stale (measured with torch {tv}, this is "
-                    f"{torch.__version__}); measuring it again")
-            table = None
+
+    def stale(t) -> str | None:
+        tv = t.env.get("torch")
+        return (f"measured with torch {tv}, this is {torch.__version__}"
+                if tv is not None and tv != torch.__version__ else None)
+
+    table = load_cached(CnnLatencyTable, p, key, dtype_name(dt), stale, log,
+                        what="CNN latency table")
     if table is not None and table.entry(g, model, batch) is not None:
         return table
     if measure is None:

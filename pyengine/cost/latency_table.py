@@ -360,14 +360,7 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "latency table") -> "LatencyTable":
-        if not isinstance(d, Mapping):
-            raise LatencyTableError(f"{where}: a latency table is a JSON object")
-        if d.get("format") != FORMAT:
-            raise LatencyTableError(f"{where}: format {d.get('format')!r}, this pyengine reads "
-                                    f"{FORMAT!r}")
-        for k in ("device", "dtype", "shapes"):
-            if k not in d:
-                raise LatencyTableError(f"{where}: missing {k!r}")
+        check_header(d, where, FORMAT, "shapes")
         shapes: dict[str, dict[str, Any]] = {}
         for key, entry in d["shapes"].items():
             w = f"{where}: shapes[{key!r}]"
@@ -623,6 +616,43 @@ def _stale(table: LatencyTable) -> str | None:
     return None
 
 
+def check_header(d: Any, where: str, fmt: str, body: str) -> None:
+    """A cached table file's JSON: an object of format ``fmt`` with device, dtype and
+    ``body``; else :class:`LatencyTableError` naming ``where``."""
+    if not isinstance(d, Mapping):
+        raise LatencyTableError(f"{where}: a latency table is a JSON object")
+    if d.get("format") != fmt:
+        raise LatencyTableError(f"{where}: format {d.get('format')!r}, this pyengine reads "
+                                f"{fmt!r}")
+    for k in ("device", "dtype", body):
+        if k not in d:
+            raise LatencyTableError(f"{where}: missing {k!r}")
+
+
+def load_cached(cls, p: Path, key: str, dtype: str, stale: Callable[[Any], str | None],
+                log: Callable[[str], None] | None = None, what: str = "latency table"):
+    """The table of class ``cls`` cached at ``p`` if it is there, readable and not
+    ``stale`` (its reason, or None); else None (logged: it gets measured anew). A file
+    holding another device's or dtype's table raises :class:`LatencyTableError`."""
+    if not p.is_file():
+        return None
+    try:
+        table = cls.load(p)
+    except LatencyTableError as e:
+        if log:
+            log(f"{what} {p} is unreadable ({e}); measuring a new one")
+        return None
+    if table.device != key or table.dtype != dtype:
+        raise LatencyTableError(f"{p} holds the table of {table.device}/{table.dtype}, not "
+                                f"{key}/{dtype}")
+    why = stale(table)
+    if why:
+        if log:
+            log(f"{what} {p} is stale ({why}); measuring it again")
+        return None
+    return table
+
+
 def load_table(device: str | torch.device | None = None, dtype=torch.float32,
                path: str | os.PathLike | None = None) -> LatencyTable | None:
     """The cached table of ``device`` and ``dtype`` (or the file ``path``); None if missing.
@@ -649,21 +679,7 @@ def get_table(shape: Any, device: str | torch.device | None = None, dtype=torch.
     dt = as_dtype(dtype)
     key = device_key(dev)
     p = Path(path) if path is not None else table_path(dev, dt)
-    table = None
-    if p.is_file():
-        try:
-            table = LatencyTable.load(p)
-        except LatencyTableError as e:
-            if log:
-                log(f"latency table {p} is unreadable ({e}); measuring a new one")
-        if table is not None and (table.device != key or table.dtype != dtype_name(dt)):
-            raise LatencyTableError(f"{p} holds the table of {table.device}/{table.dtype}, "
-                                    f"not {key}/{dtype_name(dt)}")
-        why = _stale(table) if table is not None else None
-        if why:
-            if log:
-                log(f"latency table {p} is stale ({why}); measuring it again")
-            table = None
+    table = load_cached(LatencyTable, p, key, dtype_name(dt), _stale, log)
     batches = sorted({int(b) for b in batches})
     wanted = latency_grid.candidate_backends(dev, dt)
 
