@@ -67,6 +67,14 @@ def test_the_packed_weight_follows_the_weight():
     assert y.dtype == torch.float64 and "_pack" not in layer.__dict__
 
 
+def test_flop_counting_sees_a_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+    layer = PackedLinear(16, 8)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        layer(torch.randn(5, 16))
+    assert fc.get_total_flops() == 2 * 5 * 16 * 8 and "_pack" not in layer.__dict__
+
+
 def test_autograd_takes_the_plain_path():
     torch.manual_seed(0)
     layer = PackedLinear(12, 5)

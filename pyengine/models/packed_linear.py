@@ -7,8 +7,8 @@ weight version and row count hint) and reused: what torch.compile's freezing doe
 
 Used where a compact model is built (:mod:`pyengine.models.vit.compact`). The state dict is a
 plain Linear's; the packed copy is a cache (dropped on copy and pickling, rebuilt on use).
-Anything else (training, autograd, other devices or dtypes, torch.compile tracing, a torch
-without oneDNN) runs ``F.linear``.
+Anything else (training, autograd, other devices or dtypes, torch.compile tracing, a dispatch
+mode such as FlopCounterMode, a torch without oneDNN) runs ``F.linear``.
 """
 from __future__ import annotations
 
@@ -32,13 +32,20 @@ _AVAILABLE = available()
 LINEAR_KIND = "onednn-packed" if _AVAILABLE else "plain"
 
 
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode is on (FlopCounterMode, fake tensors, ...): it sees the linear it
+    knows, not an opaque oneDNN op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is not None
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU inference (no autograd) uses a prepacked weight."""
 
     def _eligible(self, x: torch.Tensor) -> bool:
         return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling() and not _dispatch_mode_active()
                 and not (torch.is_grad_enabled()
                          and (x.requires_grad or self.weight.requires_grad
                               or (self.bias is not None and self.bias.requires_grad))))
