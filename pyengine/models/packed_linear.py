@@ -1,4 +1,5 @@
-"""A Linear layer that runs fp32 CPU inference on a weight prepacked for oneDNN.
+"""A Linear layer that runs fp32 CPU inference on a weight prepacked for oneDNN (layers of at
+least :data:`MIN_FEATURES` inputs and outputs, inputs of at least :data:`MIN_ROWS` rows).
 
 ``F.linear`` on the CPU hands the weight to the BLAS, which repacks it into its blocked layout
 on every call; at the row counts of a ViT at small batch (197 tokens) that repacking is 5-20% of
@@ -27,9 +28,12 @@ def available() -> bool:
 
 
 _AVAILABLE = available()
+# oneDNN's call costs ~20 us more than the BLAS's: below these sizes the repacking it saves is
+# worth less (2 cores: 1088 x 128 -> 384 runs 8% slower packed, 197 x 384 -> 1152 11% faster)
+MIN_FEATURES, MIN_ROWS = 256, 128
 # what the compact models' linear layers run on the CPU; a latency table records it (a table
 # measured on the other kind is stale: cost/latency_table.py)
-LINEAR_KIND = "onednn-packed" if _AVAILABLE else "plain"
+LINEAR_KIND = f"onednn-packed-{MIN_FEATURES}-{MIN_ROWS}" if _AVAILABLE else "plain"
 
 
 def _dispatch_mode_active() -> bool:
@@ -43,7 +47,9 @@ class PackedLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU inference (no autograd) uses a prepacked weight."""
 
     def _eligible(self, x: torch.Tensor) -> bool:
-        return (_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+        return (_AVAILABLE and min(self.in_features, self.out_features) >= MIN_FEATURES
+                and x.numel() >= MIN_ROWS * x.shape[-1]
+                and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
                 and not torch.compiler.is_compiling() and not _dispatch_mode_active()
                 and not (torch.is_grad_enabled()
