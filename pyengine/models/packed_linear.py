@@ -28,8 +28,8 @@ def available() -> bool:
 
 
 _AVAILABLE = available()
-# oneDNN's call costs ~20 us more than the BLAS's: below these sizes the repacking it saves is
-# worth less (2 cores: 1088 x 128 -> 384 runs 8% slower packed, 197 x 384 -> 1152 11% faster)
+# oneDNN's call costs more than the BLAS's: below these sizes the repacking it saves is worth
+# less (on 2 cores a 128-wide layer ran slower packed, a 384 -> 1152 one faster)
 MIN_FEATURES, MIN_ROWS = 256, 128
 # what the compact models' linear layers run on the CPU; a latency table records it (a table
 # measured on the other kind is stale: cost/latency_table.py)
