@@ -2,9 +2,9 @@
 least :data:`MIN_FEATURES` inputs and outputs, inputs of at least :data:`MIN_ROWS` rows).
 
 ``F.linear`` on the CPU hands the weight to the BLAS, which repacks it into its blocked layout
-on every call; at the row counts of a ViT at small batch (197 tokens) that repacking is 5-20% of
-a layer's time. Inference does not change the weight, so the packed copy is made once (per
-weight version and row count hint) and reused: what torch.compile's freezing does, in eager.
+on every call; at the row counts of a ViT at small batch (197 tokens) that repacking is a
+visible part of a layer's time. Inference does not change the weight, so the packed copy is
+made once (per weight version) and reused: what torch.compile's freezing does, in eager.
 
 Used where a compact model is built (:mod:`pyengine.models.vit.compact`). The state dict is a
 plain Linear's; the packed copy is a cache (dropped on copy and pickling, rebuilt on use).
