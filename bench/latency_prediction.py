@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyengine
 from pyengine.cost.dtypes import as_dtype, dtype_name
 from pyengine.cost.latency import table_for
 from pyengine.io.atomic import write_json, write_text
+from pyengine.measure.latency_report import prediction_summary
 from pyengine.measure.timing import environment, measure
 from pyengine.structure.synthetic import heterogeneous_spec
 
@@ -104,24 +104,7 @@ def main(argv=None) -> int:
             say(f"structure {i:2d} target {targets[i]:.2f} batch {b:3d}: predicted "
                 f"{pred.ms:9.3f} ms, measured {m['median_ms']:9.3f} ms "
                 f"(IQR {m['iqr_ms']:.3f}), error {err:+.1%}")
-    summary = {}
-    for b in batches:
-        errs = [abs(r["rel_error"]) for r in rows if r["batch"] == b]
-        mins = [abs(r["rel_error_vs_min"]) for r in rows if r["batch"] == b]
-        summary[str(b)] = {"median_abs_rel_error": statistics.median(errs),
-                           "max_abs_rel_error": max(errs), "n": len(errs),
-                           "vs_min_median_abs_rel_error": statistics.median(mins),
-                           "vs_min_max_abs_rel_error": max(mins)}
-        say(f"batch {b}: median |error| {summary[str(b)]['median_abs_rel_error']:.1%}, max "
-            f"{summary[str(b)]['max_abs_rel_error']:.1%} over {len(errs)} structures (against "
-            f"the fastest sample instead of the median: median "
-            f"{summary[str(b)]['vs_min_median_abs_rel_error']:.1%}, max "
-            f"{summary[str(b)]['vs_min_max_abs_rel_error']:.1%})")
-    errs = [abs(r["rel_error"]) for r in rows]
-    summary["all"] = {"median_abs_rel_error": statistics.median(errs),
-                      "max_abs_rel_error": max(errs), "n": len(errs)}
-    say(f"all: median |error| {summary['all']['median_abs_rel_error']:.1%}, max "
-        f"{summary['all']['max_abs_rel_error']:.1%}; {time.perf_counter() - t0:.0f} s")
+    summary = prediction_summary(rows, batches, say, time.perf_counter() - t0)
     doc = {"env": environment("cpu"), "config": {**vars(a), "dtype": dtype_name(dt)},
            "table": {"device": table.device, "dtype": table.dtype, "batches": table.batches(g)},
            "rows": rows, "summary": summary, "argv": sys.argv}

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pyengine.cost.cnn_latency import CnnLatencyModel
 from pyengine.cost.cnn_latency_table import block_removable, block_slots, cnn_key, get_cnn_table
 from pyengine.cost.dtypes import as_dtype, dtype_name
 from pyengine.io.atomic import write_json, write_text
+from pyengine.measure.latency_report import prediction_summary
 from pyengine.measure.timing import environment, measure
 from pyengine.structure.spec import make_conv_block
 
@@ -153,24 +153,7 @@ def main(argv=None) -> int:
                          "dense_rel_error": err_dense})
             say(f"structure {i:2d} MACs {macs:.2f} batch {b:3d}: predicted {pred.ms:9.3f} ms, "
                 f"measured {m['median_ms']:9.3f} ms (IQR {m['iqr_ms']:.3f}), error {err:+.1%}")
-    summary = {}
-    for b in batches:
-        errs = [abs(r["rel_error"]) for r in rows if r["batch"] == b]
-        mins = [abs(r["rel_error_vs_min"]) for r in rows if r["batch"] == b]
-        summary[str(b)] = {"median_abs_rel_error": statistics.median(errs),
-                           "max_abs_rel_error": max(errs), "n": len(errs),
-                           "vs_min_median_abs_rel_error": statistics.median(mins),
-                           "vs_min_max_abs_rel_error": max(mins)}
-        say(f"batch {b}: median |error| {summary[str(b)]['median_abs_rel_error']:.1%}, max "
-            f"{summary[str(b)]['max_abs_rel_error']:.1%} over {len(errs)} structures (against "
-            f"the fastest sample instead of the median: median "
-            f"{summary[str(b)]['vs_min_median_abs_rel_error']:.1%}, max "
-            f"{summary[str(b)]['vs_min_max_abs_rel_error']:.1%})")
-    errs = [abs(r["rel_error"]) for r in rows]
-    summary["all"] = {"median_abs_rel_error": statistics.median(errs),
-                      "max_abs_rel_error": max(errs), "n": len(errs)}
-    say(f"all: median |error| {summary['all']['median_abs_rel_error']:.1%}, max "
-        f"{summary['all']['max_abs_rel_error']:.1%}; {time.perf_counter() - t0:.0f} s")
+    summary = prediction_summary(rows, batches, say, time.perf_counter() - t0)
     tables = {str(b): {"device": lm.table.device, "dtype": lm.table.dtype,
                        "key": cnn_key(g, a.model), "fixed_ms": lm.fixed, "dense_ms": lm.dense,
                        **{k: v for k, v in lm.entry.info.items() if k != "structures"}}

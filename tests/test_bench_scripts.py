@@ -2,24 +2,15 @@
 run on a CPU do, on tiny shapes (numbers meaningless), writing the harness's statistics and
 environment record. (bench/gpu_end_to_end.py's dry run is in test_bench.py; the timing of
 bench/cpu_compact_speedup.py is the demo's compact_vs_dense, run in test_cli_demo.py.)"""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from _bench import BENCH, load_bench as load
 from pyengine.ops import _ext
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 STATS = {"median_ms", "iqr_ms", "min_ms", "mean_ms", "repeats", "inner"}
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py")))

@@ -380,17 +380,14 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch, measured):
 
 
 def test_latency_prediction_cnn_script_dry_run(tmp_path, monkeypatch):
-    import importlib.util
     import json
-    from pathlib import Path
+
+    from _bench import load_bench
     monkeypatch.setenv("PYENGINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYENGINE_LATENCY", "on")
     monkeypatch.setattr(measure_cnn, "measure_blocks",
                         lambda g, model, batch, device, dtype, **kw: _fake_entry(g, seed=batch)[0])
-    path = Path(__file__).resolve().parents[1] / "bench" / "latency_prediction_cnn.py"
-    spec = importlib.util.spec_from_file_location("bench_latency_prediction_cnn", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("latency_prediction_cnn")
     assert mod.main(["--model", "resnet18", "--img-size", str(IMG), "--structures", "2",
                      "--batches", "1,2", "--threads", "1", "--warmup", "0", "--repeats", "2",
                      "--rounds", "1", "--out", str(tmp_path / "pred")]) == 0

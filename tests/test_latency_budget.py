@@ -19,6 +19,7 @@ from pyengine.structure.solver import allocate
 from pyengine.structure.spec import Block, Head, Spec
 from pyengine.train.trainer import fit
 
+from _bench import load_bench
 from _latency import fake_table
 
 NAME = "vit_tiny_patch16_224"
@@ -265,9 +266,18 @@ def _loaders(n=96, classes=4, seed=0):
             DataLoader(ds, batch_size=32))
 
 
-def _small(**kw):
-    return pyengine.create_model(NAME, img_size=16, patch_size=8, embed_dim=32, depth=2,
+def _small(depth=2, **kw):
+    return pyengine.create_model(NAME, img_size=16, patch_size=8, embed_dim=32, depth=depth,
                                  num_heads=4, mlp_ratio=4.0, num_classes=4, **kw)
+
+
+def _flat(depth, attn, linear):
+    """The geometry of ``_small(depth)`` and a latency model whose attention op and linear
+    layers cost ``attn`` / ``linear`` ms each, barely more with width (a CPU at batch 1)."""
+    g = pyengine.geometry(_small(depth))
+    t = fake_table(g, attn=lambda be, b, h, qk, v: attn + 1e-6 * h * (qk + v),
+                   linear=lambda kind, b, w: linear + 1e-6 * w, runs=lambda be, b, k: 0.0)
+    return g, LatencyModel(_fixed(t, g, 0.005, 0.002), g, batch=1)
 
 
 def test_hiap_reaches_a_latency_budget_in_a_short_run():
@@ -319,12 +329,7 @@ def test_allocate_by_latency_gives_back_what_fits(monkeypatch):
     strips many before a branch goes; what still fits the budget is given back, so no removed
     neuron of a kept FFN would still fit and the result is within one branch of the target."""
     from pyengine.structure import solver
-    m = pyengine.create_model(NAME, img_size=16, patch_size=8, embed_dim=32, depth=6,
-                              num_heads=4, mlp_ratio=4.0, num_classes=4)
-    g = pyengine.geometry(m)
-    t = fake_table(g, attn=lambda be, b, h, qk, v: 0.01 + 1e-6 * h * (qk + v),
-                   linear=lambda kind, b, w: 0.005 + 1e-6 * w, runs=lambda be, b, k: 0.0)
-    lm = LatencyModel(_fixed(t, g, 0.005, 0.002), g, batch=1)
+    g, lm = _flat(6, attn=0.01, linear=0.005)
     branch = max(lm.layer_ms([8] * 4, [8] * 4, 0), lm.layer_ms([], [], g.mlp_hidden))
     got = []
     for seed in range(3):
@@ -351,12 +356,7 @@ def test_project_exchanges_steps_when_no_single_step_lands_in_the_band(monkeypat
     lands in the band (removing or restoring a branch is a big step); one step exchanged for
     another in a second layer does, and the projection finds it."""
     from pyengine.structure import solver
-    m = pyengine.create_model(NAME, img_size=16, patch_size=8, embed_dim=32, depth=4,
-                              num_heads=4, mlp_ratio=4.0, num_classes=4)
-    g = pyengine.geometry(m)
-    t = fake_table(g, attn=lambda be, b, h, qk, v: 0.05 + 1e-6 * h * (qk + v),
-                   linear=lambda kind, b, w: 0.02 + 1e-6 * w, runs=lambda be, b, k: 0.0)
-    lm = LatencyModel(_fixed(t, g, 0.005, 0.002), g, batch=1)
+    g, lm = _flat(4, attn=0.05, linear=0.02)
 
     def scores(seed):
         gen = torch.Generator().manual_seed(seed)
@@ -366,9 +366,7 @@ def test_project_exchanges_steps_when_no_single_step_lands_in_the_band(monkeypat
                 for _ in range(g.depth)]
 
     def land(seed):
-        model = pyengine.gate(pyengine.create_model(
-            NAME, img_size=16, patch_size=8, embed_dim=32, depth=4, num_heads=4,
-            mlp_ratio=4.0, num_classes=4), method="hiap")
+        model = pyengine.gate(_small(4), method="hiap")
         s = solver.project(model, scores(seed), 0.5, tolerance=0.03, min_heads=0, latency=lm)
         return lm.spec_ms(s) / lm.dense
 
@@ -495,16 +493,6 @@ def test_prune_with_a_latency_budget_records_predicted_and_measured(tmp_path, mo
 
 
 # ---- the acceptance scripts: dry runs on tiny shapes (numbers meaningless) ----------------------
-def _load_script(name):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture
 def threads():
     n = torch.get_num_threads()
@@ -518,7 +506,7 @@ def test_latency_prediction_script_dry_run(tmp_path, monkeypatch, threads):
     g = pyengine.geometry(pyengine.create_model(NAME, **kw))
     torch.set_num_threads(1)  # the script's threads: part of the CPU's table key
     _install(fake_table(g, batches=(1, 2)), monkeypatch, tmp_path / "cache")
-    mod = _load_script("latency_prediction")
+    mod = load_bench("latency_prediction")
     assert mod.main(["--model", NAME, "--model-kwargs", json.dumps(kw), "--structures", "2",
                      "--batches", "1,2", "--threads", "1", "--warmup", "0", "--repeats", "2",
                      "--rounds", "1", "--out", str(tmp_path / "pred")]) == 0
@@ -539,7 +527,7 @@ def test_latency_budget_digits_script_dry_run(tmp_path, monkeypatch, threads):
     t = fake_table(g, batches=(1, 2), attn=lambda be, b, h, qk, v: 0.002 + 1e-3 * b * h * (qk + v),
                    linear=lambda kind, b, w: 0.001 + 1e-3 * b * w, runs=lambda be, b, k: 0.0)
     _install(_fixed(t, g, 0.002, 0.001), monkeypatch, tmp_path / "cache")
-    mod = _load_script("latency_budget_digits")
+    mod = load_bench("latency_budget_digits")
     out = tmp_path / "lb"
     assert mod.main(["--model-kwargs", json.dumps(kw), "--img-size", "8", "--seeds", "0",
                      "--methods", "hiap,magnitude", "--latency-targets", "0.5",

@@ -59,7 +59,7 @@ import torch
 
 from pyengine.cost.dtypes import as_dtype, dtype_name
 from pyengine.cost.latency_table import (LatencyTableError, cache_dir, check_header, device_key,
-                                         load_cached, measuring_enabled)
+                                         load_cached, measuring_enabled, read_json)
 
 __all__ = ["FORMAT", "BlockGrid", "CnnEntry", "CnnLatencyTable", "cnn_table_path", "cnn_key",
            "block_slots", "block_removable", "block_widths", "get_cnn_table", "monotone"]
@@ -322,12 +322,7 @@ class CnnLatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CnnLatencyTable":
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise LatencyTableError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(p))
+        return cls.from_dict(read_json(path), str(path))
 
 
 def get_cnn_table(g, model: str, device: str | torch.device | None = None, dtype=torch.float32,

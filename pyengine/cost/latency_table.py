@@ -410,12 +410,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise LatencyTableError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(p))
+        return cls.from_dict(read_json(path), str(path))
 
     # ---- contents ----------------------------------------------------------------------
     def add(self, shape: Any, batch: int, grids: Mapping[str, Grid],
@@ -614,6 +609,15 @@ def _stale(table: LatencyTable) -> str | None:
         return f"its linear layers were timed as {table.env.get('linear', 'plain')!r}, the " \
                f"compact models run {LINEAR_KIND!r}"
     return None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A table file's JSON; :class:`LatencyTableError` naming the file if it is not JSON."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise LatencyTableError(f"{p}: not valid JSON ({e})") from None
 
 
 def check_header(d: Any, where: str, fmt: str, body: str) -> None:

@@ -8,8 +8,8 @@ keeps the same fraction of every block: 1/8, 1/4, 1/2, 3/4 and all of a one-slot
 ResNet Bottleneck's two slots on the 2-D grid {1/4, 1/2, 3/4, 1}^2), plus one model with every
 removable block removed (what is left of a removed block: a downsample shortcut, or nothing).
 Each model is timed whole (no hooks) and, in a separate pass, with a forward pre-hook and a
-forward hook on every block reading the one timing harness's :class:`~pyengine.measure.
-timing.Clock` (so the hooks cost the whole-model timings nothing). The models are timed
+forward hook on every block (:func:`pyengine.measure.timing.measure_in_place`, on the
+harness's clock; so the hooks cost the whole-model timings nothing). The models are timed
 interleaved, round by round, so that a slow spell of the machine falls on all of them alike;
 small models get more rounds, so that the samples span at least ``min_seconds``.
 
@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import statistics
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ from torch import nn
 from pyengine.cost.cnn_latency_table import (BlockGrid, CnnEntry, block_removable, block_slots,
                                              monotone)
 from pyengine.cost.latency_table import LatencyTableError
-from pyengine.measure.timing import Clock, warm_up
+from pyengine.measure.timing import measure_in_place
 
 __all__ = ["FRACTIONS", "FRACTIONS_2D", "measure_blocks", "uniform_spec", "removed_spec",
            "dense_model", "block_modules"]
@@ -124,7 +123,6 @@ def measure_blocks(g, model: str, batch: int, device: torch.device | str, dtype:
     """Time every block of ``model`` (dense geometry ``g``, input ``g.img_size``) at
     ``batch`` in compact models at the grid's fractions (see the module docstring)."""
     import pyengine
-    from tqdm import tqdm
 
     if not fractions or not fractions_2d or not all(0 < f <= 1 for f in (*fractions,
                                                                           *fractions_2d)):
@@ -143,54 +141,12 @@ def measure_blocks(g, model: str, batch: int, device: torch.device | str, dtype:
     del dense
     x = torch.randn(batch, g.in_chans, int(g.img_size), int(g.img_size), device=dev,
                     dtype=dtype)
-    clock = Clock(dev)
     n_blocks = len(block_slots(g))
-    totals: list[list[float]] = [[] for _ in models]
-    parts: list[list[list[float]]] = [[[] for _ in range(n_blocks)] for _ in models]
-    started: dict[int, Any] = {}
-    hooks = []
-    for m_i, (_, _, blocks) in enumerate(models):
-        hs = []
-        for i, mod in enumerate(blocks):
-            def pre(_m, _inp, i=i):
-                started[i] = clock.mark()
-
-            def post(_m, _inp, _out, i=i, m_i=m_i):
-                end = clock.mark()
-                clock.sync()
-                parts[m_i][i].append(clock.elapsed_ms(started[i], end))
-            hs.append((mod, pre, post))
-        hooks.append(hs)
-    bar = tqdm(total=repeats * len(models), unit="model", disable=not progress, leave=False,
-               desc=f"CNN latency {model} b{batch}")
-    with torch.inference_mode():
-        warm_up([lambda m=m: m(x) for m, _, _ in models], warmup, dev)
-        rounds, done = repeats, 0
-        while done < rounds:
-            for m_i, (m, _, _) in enumerate(models):
-                clock.sync()  # the whole forward, unhooked ...
-                t0 = clock.mark()
-                m(x)
-                t1 = clock.mark()
-                clock.sync()
-                totals[m_i].append(clock.elapsed_ms(t0, t1))
-                handles = []  # ... and a pass with every block timed in place
-                for mod, pre, post in hooks[m_i]:
-                    handles += [mod.register_forward_pre_hook(pre),
-                                mod.register_forward_hook(post)]
-                try:
-                    m(x)
-                finally:
-                    for h in handles:
-                        h.remove()
-                bar.update(1)
-            done += 1
-            if done == 1:  # small models: more rounds, so that the samples span min_seconds
-                one = sum(t[0] for t in totals) * 2e-3
-                rounds = max(repeats, min(math.ceil(min_seconds / max(one, 1e-6)),
-                                          MAX_ROUNDS_FACTOR * repeats))
-                bar.total = rounds * len(models)
-    bar.close()
+    totals, named, rounds = measure_in_place(
+        [(m, dict(enumerate(blocks))) for m, _, blocks in models], x, repeats=repeats,
+        min_seconds=min_seconds, max_rounds_factor=MAX_ROUNDS_FACTOR, warmup=warmup,
+        device=dev, progress=progress, desc=f"CNN latency {model} b{batch}")
+    parts = [[per[i] for i in range(n_blocks)] for per in named]
     return _entry(g, points, models, totals, parts, rounds)
 
 

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pyengine.cost.latency_table import Grid, LatencyTable, LatencyTableError, TableShape
-from pyengine.measure.timing import Clock, warm_up
+from pyengine.measure.timing import measure_in_place
 
 __all__ = ["CALIBRATION_GRIDS", "calibration_vit", "measure_calibration"]
 
@@ -136,8 +136,6 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
                         progress: bool = True) -> tuple[dict[str, Grid], dict[str, Any]]:
     """Time calibration models of ``shape`` at ``batch`` (see the module docstring) against
     the grids measured for it: ``({name: Grid} for CALIBRATION_GRIDS, info)``."""
-    from tqdm import tqdm
-
     dev = torch.device(device)
     table = LatencyTable("calibration", dtype)
     table.add(shape, batch, grids, candidates)
@@ -145,58 +143,14 @@ def measure_calibration(shape: TableShape, batch: int, device: torch.device | st
     vit = calibration_vit(shape, depth).to(device=dev, dtype=dtype)
     x = torch.randn(batch, shape.in_chans, *vit.patch_embed.img_size, device=dev, dtype=dtype)
     models = _structures(vit, table, batch, dev, dtype, targets, seed)
-    clock = Clock(dev)
-    # per model: module name -> samples (ms), and whole-forward samples
-    parts: list[dict[str, list[float]]] = [{} for _ in models]
-    totals: list[list[float]] = [[] for _ in models]
-    started: dict[str, Any] = {}
-    hooks: list[list[tuple]] = [[] for _ in models]
-    for m_i, (model, _) in enumerate(models):
-        for i, blk in enumerate(model.blocks):
-            for kind in ("attn", "mlp"):
-                mod = getattr(blk, kind, None)
-                if mod is None:
-                    continue
-                key = f"{kind}.{i}"
-
-                def pre(_m, _inp, key=key):
-                    started[key] = clock.mark()
-
-                def post(_m, _inp, _out, key=key, m_i=m_i):
-                    end = clock.mark()
-                    clock.sync()
-                    parts[m_i].setdefault(key, []).append(clock.elapsed_ms(started[key], end))
-                hooks[m_i].append((mod, pre, post))
-    bar = tqdm(total=repeats * len(models), unit="model", disable=not progress, leave=False,
-               desc=f"latency calibration b{batch}")
-    with torch.inference_mode():
-        warm_up([lambda m=m: m(x) for m, _ in models], 2, dev)
-        rounds, done = repeats, 0
-        while done < rounds:
-            for m_i, (model, _) in enumerate(models):
-                # the whole forward, unhooked ...
-                clock.sync()
-                t0 = clock.mark()
-                model(x)
-                t1 = clock.mark()
-                clock.sync()
-                totals[m_i].append(clock.elapsed_ms(t0, t1))
-                # ... and a pass with its modules timed in place
-                handles = []
-                for mod, pre, post in hooks[m_i]:
-                    handles += [mod.register_forward_pre_hook(pre),
-                                mod.register_forward_hook(post)]
-                model(x)
-                for h in handles:
-                    h.remove()
-                bar.update(1)
-            done += 1
-            if done == 1:  # small models: more rounds, so that the samples span MIN_SECONDS
-                one = sum(t[0] for t in totals) * 2e-3
-                rounds = max(repeats, min(math.ceil(MIN_SECONDS / max(one, 1e-6)),
-                                          MAX_ROUNDS_FACTOR * repeats))
-                bar.total = rounds * len(models)
-    bar.close()
+    # per model: its attention and FFN modules, timed in place by name ("attn.3", "mlp.3")
+    named = [{f"{kind}.{i}": getattr(blk, kind) for i, blk in enumerate(model.blocks)
+              for kind in ("attn", "mlp") if getattr(blk, kind, None) is not None}
+             for model, _ in models]
+    totals, parts, rounds = measure_in_place(
+        [(model, n) for (model, _), n in zip(models, named)], x, repeats=repeats,
+        min_seconds=MIN_SECONDS, max_rounds_factor=MAX_ROUNDS_FACTOR, warmup=2, device=dev,
+        progress=progress, desc=f"latency calibration b{batch}")
     points: dict[str, list[tuple[float, float]]] = {"attn": [], "mlp": []}  # (grid, in model)
     preds, per_model = [], []
     for m_i, (model, s) in enumerate(models):

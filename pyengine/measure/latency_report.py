@@ -10,6 +10,7 @@ latency budget's job); without one they are null and ``note`` says why.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -125,3 +126,28 @@ def _image_shape(model: nn.Module) -> tuple[int, ...]:
             return (int(g.in_chans), int(g.img_size), int(g.img_size))
         raise ValueError("pass img_shape: the model has no patch_embed.img_size")
     return (int(chans), int(size[0]), int(size[1]))
+
+
+def prediction_summary(rows: Sequence[Mapping[str, Any]], batches: Sequence[int],
+                       say: Callable[[str], None], seconds: float) -> dict[str, Any]:
+    """Median and max |predicted - measured| / measured of the prediction benches' ``rows``
+    ({"batch", "rel_error", "rel_error_vs_min"}) per batch and over all, said as it goes."""
+    summary: dict[str, Any] = {}
+    for b in batches:
+        errs = [abs(r["rel_error"]) for r in rows if r["batch"] == b]
+        mins = [abs(r["rel_error_vs_min"]) for r in rows if r["batch"] == b]
+        summary[str(b)] = {"median_abs_rel_error": statistics.median(errs),
+                           "max_abs_rel_error": max(errs), "n": len(errs),
+                           "vs_min_median_abs_rel_error": statistics.median(mins),
+                           "vs_min_max_abs_rel_error": max(mins)}
+        say(f"batch {b}: median |error| {summary[str(b)]['median_abs_rel_error']:.1%}, max "
+            f"{summary[str(b)]['max_abs_rel_error']:.1%} over {len(errs)} structures (against "
+            f"the fastest sample instead of the median: median "
+            f"{summary[str(b)]['vs_min_median_abs_rel_error']:.1%}, max "
+            f"{summary[str(b)]['vs_min_max_abs_rel_error']:.1%})")
+    errs = [abs(r["rel_error"]) for r in rows]
+    summary["all"] = {"median_abs_rel_error": statistics.median(errs),
+                      "max_abs_rel_error": max(errs), "n": len(errs)}
+    say(f"all: median |error| {summary['all']['median_abs_rel_error']:.1%}, max "
+        f"{summary['all']['max_abs_rel_error']:.1%}; {seconds:.0f} s")
+    return summary

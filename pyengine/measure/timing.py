@@ -281,6 +281,68 @@ def measure(fns: Mapping[str, Callable[[], object]], warmup: int = 3, repeats: i
     return Samples(times, n_inner)
 
 
+def measure_in_place(models: Sequence[tuple[Callable[[Any], object],
+                                           Mapping[Any, torch.nn.Module]]],
+                     x: torch.Tensor, *, repeats: int, min_seconds: float,
+                     max_rounds_factor: int, warmup: int = 2,
+                     device: torch.device | str | None = None, progress: bool = True,
+                     desc: str = "") -> tuple[list[list[float]], list[dict[Any, list[float]]], int]:
+    """Time models whole and their parts in place: ``models`` holds ``(model, {key: module})``.
+    Each round, model by model, one unhooked forward of ``x`` (its total) and one with every
+    named module timed by forward pre/post hooks (its parts; apart, so the hooks' syncs do
+    not weigh on the total). At least ``repeats`` rounds, more for small models so that the
+    samples span ``min_seconds`` (at most ``max_rounds_factor * repeats``). Returns
+    ``(totals, parts, rounds)``: per model its total samples and ``{key: samples}`` (ms)."""
+    from tqdm import tqdm
+    dev = _device(device)
+    clock = Clock(dev)
+    totals: list[list[float]] = [[] for _ in models]
+    parts: list[dict[Any, list[float]]] = [{} for _ in models]
+    started: dict[Any, Any] = {}
+    hooks: list[list[tuple]] = [[] for _ in models]
+    for m_i, (_, named) in enumerate(models):
+        for key, mod in named.items():
+            def pre(_m, _inp, key=key):
+                started[key] = clock.mark()
+
+            def post(_m, _inp, _out, key=key, m_i=m_i):
+                end = clock.mark()
+                clock.sync()
+                parts[m_i].setdefault(key, []).append(clock.elapsed_ms(started[key], end))
+            hooks[m_i].append((mod, pre, post))
+    bar = tqdm(total=repeats * len(models), unit="model", disable=not progress, leave=False,
+               desc=desc)
+    with torch.inference_mode():
+        warm_up([lambda m=m: m(x) for m, _ in models], warmup, dev)
+        rounds, done = repeats, 0
+        while done < rounds:
+            for m_i, (model, _) in enumerate(models):
+                clock.sync()  # the whole forward, unhooked ...
+                t0 = clock.mark()
+                model(x)
+                t1 = clock.mark()
+                clock.sync()
+                totals[m_i].append(clock.elapsed_ms(t0, t1))
+                handles = []  # ... and a pass with its parts timed in place
+                for mod, pre, post in hooks[m_i]:
+                    handles += [mod.register_forward_pre_hook(pre),
+                                mod.register_forward_hook(post)]
+                try:
+                    model(x)
+                finally:
+                    for h in handles:
+                        h.remove()
+                bar.update(1)
+            done += 1
+            if done == 1:  # small models: more rounds, so that the samples span min_seconds
+                one = sum(t[0] for t in totals) * 2e-3
+                rounds = max(repeats, min(math.ceil(min_seconds / max(one, 1e-6)),
+                                          max_rounds_factor * repeats))
+                bar.total = rounds * len(models)
+    bar.close()
+    return totals, parts, rounds
+
+
 def compare(fns: Mapping[str, Callable[[], object]], warmup: int = 3, repeats: int = 20,
             device: torch.device | str | None = None, graphs: bool = False, inner: int = 1,
             progress: Callable[[int], None] | None = None, **kwargs
