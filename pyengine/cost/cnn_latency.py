@@ -23,6 +23,7 @@ from pyengine.cost.cnn_latency_table import (_NO_SIZE, CnnLatencyTable, block_sl
                                              block_widths, get_cnn_table)
 from pyengine.cost.dtypes import as_dtype, dtype_name
 from pyengine.cost.latency_table import LatencyTableError, measuring_enabled
+from pyengine.structure.latency_ledger import LatencyLedger
 
 __all__ = ["CnnLatencyModel", "cnn_spec_of", "cnn_latency", "cnn_table_for"]
 
@@ -148,31 +149,22 @@ class CnnLatencyModel:
         return CnnLatencyLedger(ledger, self)
 
 
-class CnnLatencyLedger:
+class CnnLatencyLedger(LatencyLedger):
     """A CNN solver ledger (ResNet ``CnnLedger`` or a family's ``SlotLedger``) whose costs are
-    predicted ms instead of MACs; everything else is the wrapped ledger's.
-
-    Like the ViT's, it remembers what the global ranking removed, so that :meth:`refill` can
-    give back, highest-scored first, the chunks that still fit once the budget is met (whole
-    blocks are big steps in ms)."""
-
-    unit = "ms"
+    predicted ms instead of MACs; everything else is the wrapped ledger's. A block's kept
+    state: its kept lists (a ResNet's one per slot, a SlotLedger's one of units), None when
+    the block is removed."""
 
     def __init__(self, ledger, latency: CnnLatencyModel):
         if not hasattr(ledger, "kept") or len(ledger.kept) != len(latency.slots):
             raise ValueError("a CNN latency budget needs the CNN's own ledger (one kept entry "
                              f"per block of {latency.model})")
-        self._ledger, self._lat = ledger, latency
-        self.dense = latency.dense
+        super().__init__(ledger, latency)
         # ResNet ledgers keep a list of channels per slot; a SlotLedger one list of units of
         # its one slot (``group`` channels each)
         self._resnet = hasattr(ledger.g, "inner")
         self._per_unit = [[1] * len(sl) if self._resnet else [grp for _, _, grp in sl]
                           for sl in latency.slots]
-        self._removed: list[tuple[int, tuple | None, tuple | None]] = []  # (block, before, after)
-
-    def __getattr__(self, name):
-        return getattr(self._ledger, name)
 
     def block_macs(self, l: int) -> float:  # the strategies' name for a block's cost
         k = self._ledger.kept[l]
@@ -184,53 +176,21 @@ class CnnLatencyLedger:
         lists = k if self._resnet else [k]
         return self._lat.block_ms(l, True, [len(u) * p for u, p in zip(lists, per)])
 
-    def total(self) -> float:
-        return self._lat.fixed + sum(self.block_macs(l) for l in range(len(self._ledger.kept)))
+    def n_blocks(self) -> int:
+        return len(self._ledger.kept)
 
-    # ---- give back what fits (global mode) ------------------------------------------------
-    def _get(self, l: int) -> tuple | None:
+    def get_state(self, l: int) -> tuple | None:
         k = self._ledger.kept[l]
         if k is None:
             return None
         return tuple(tuple(u) for u in (k if self._resnet else [k]))
 
-    def _set(self, l: int, state: tuple | None) -> None:
+    def set_state(self, l: int, state: tuple | None) -> None:
         if state is None:
             self._ledger.kept[l] = None
         else:
             lists = [sorted(u) for u in state]
             self._ledger.kept[l] = lists if self._resnet else lists[0]
-
-    def remove(self, payload):
-        l = self._ledger.block_of(payload)
-        before = self._get(l)
-        got = self._ledger.remove(payload)
-        if got is not None:
-            self._removed.append((got, before, self._get(got)))
-        return got
-
-    def refill(self, budget: float) -> None:
-        """Give removed chunks back, the last removed (highest score) first, wherever the
-        structure stays within ``budget``; a chunk of a block that is gone stays out."""
-        cur = self.total()
-        for l, before, after in reversed(self._removed):
-            now = self._get(l)
-            if after is None:           # the whole block went: back as it was then
-                if now is not None:
-                    continue
-                new = before
-            elif now is None:
-                continue
-            else:                       # a chunk of channels: back beside what is kept now
-                new = tuple(tuple(sorted(set(n) | (set(b) - set(a))))
-                            for n, b, a in zip(now, before, after))
-            old_ms = self.block_macs(l)
-            self._set(l, new)
-            new_ms = self.block_macs(l)
-            if cur - old_ms + new_ms <= budget:
-                cur += new_ms - old_ms
-            else:
-                self._set(l, now)
 
 
 def cnn_latency(spec, batch: int = 1, dtype=torch.float32, device="cpu", *,

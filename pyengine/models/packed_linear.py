@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["PackedLinear", "available", "pack_mlp", "LINEAR_KIND"]
 
@@ -39,7 +40,6 @@ LINEAR_KIND = f"onednn-packed-{MIN_FEATURES}-{MIN_ROWS}" if _AVAILABLE else "pla
 def _dispatch_mode_active() -> bool:
     """A TorchDispatchMode is on (FlopCounterMode, fake tensors, ...): it sees the linear it
     knows, not an opaque oneDNN op."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     return _get_current_dispatch_mode() is not None
 
 

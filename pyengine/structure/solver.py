@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from pyengine.models.vit.cost import block_macs, total_macs
+from pyengine.structure.latency_ledger import LatencyLedger
 from pyengine.structure.spec import Block, Head, Spec
 
 MODES = ("global", "uniform")
@@ -144,21 +145,15 @@ def allocate(scores: Sequence, g, target: float, mode: str = "global", granulari
                                            "kept_macs": macs / ledger.dense})
 
 
-class _LatencyLedger:
-    """A ViT ledger whose costs are predicted ms (a LatencyModel) instead of MACs."""
-
-    unit = "ms"
+class _LatencyLedger(LatencyLedger):
+    """A ViT ledger whose costs are predicted ms (a LatencyModel) instead of MACs; a block's
+    kept state: its q/k lists per head, its v lists per head, its neurons."""
 
     def __init__(self, ledger, latency):
         if not hasattr(ledger, "layers") or not hasattr(ledger.layers[0], "heads"):
             raise ValueError("a latency budget needs a ViT (the latency table prices ViT "
                              "layers)")
-        self._ledger, self._lat = ledger, latency
-        self.dense = latency.dense
-        self._removed: list[tuple[int, tuple]] = []  # (block, units taken per kept list)
-
-    def __getattr__(self, name):
-        return getattr(self._ledger, name)
+        super().__init__(ledger, latency)
 
     def block_macs(self, l: int) -> float:  # the strategies' name for a block's cost
         lay = self._ledger.layers[l]
@@ -166,53 +161,22 @@ class _LatencyLedger:
         return self._lat.layer_ms([len(lay.qk[h]) for h in hs], [len(lay.v[h]) for h in hs],
                                   len(lay.neurons))
 
-    def total(self) -> float:
-        return self._lat.fixed + sum(self.block_macs(l) for l in range(len(self._ledger.layers)))
+    def n_blocks(self) -> int:
+        return len(self._ledger.layers)
 
-    # Removing units one chunk at a time by score overshoots a latency budget: a branch's ms
-    # barely moves with its width (fixed per-layer costs), so the ranking strips many units
-    # before a whole branch goes and the budget is met. ``refill`` gives back what fits.
-    def remove(self, payload):
-        lay = self._ledger.layers[self._ledger.block_of(payload)]
-        before = _kept(lay)
-        l = self._ledger.remove(payload)
-        if l is not None:
-            after = _kept(lay)
-            self._removed.append((l, tuple(tuple(sorted(set(b) - set(a)))
-                                           for b, a in zip(before, after))))
-        return l
+    def get_state(self, l: int) -> tuple:
+        lay = self._ledger.layers[l]
+        return tuple(tuple(x) for x in (*lay.qk, *lay.v, lay.neurons))
 
-    def refill(self, budget: float) -> None:
-        """Give removed chunks back, the last removed (highest score) first, wherever the
-        structure stays within ``budget``; a chunk of a head that is gone now stays out."""
-        cur = self.total()
-        for l, taken in reversed(self._removed):
-            lay = self._ledger.layers[l]
-            old, old_ms = _kept(lay), self.block_macs(l)
-            _give_back(lay, taken)
-            if any(q and not v for q, v in zip(lay.qk, lay.v)):
-                _restore(lay, old)  # q/k dims of a head without v: not a head
-                continue
-            new_ms = self.block_macs(l)
-            if cur - old_ms + new_ms <= budget:
-                cur += new_ms - old_ms
-            else:
-                _restore(lay, old)
+    def set_state(self, l: int, state: tuple) -> None:
+        lay = self._ledger.layers[l]
+        H = len(lay.qk)
+        lay.qk, lay.v = [list(x) for x in state[:H]], [list(x) for x in state[H:2 * H]]
+        lay.neurons = list(state[-1])
 
-
-def _kept(lay) -> list[tuple[int, ...]]:
-    """A ViT block's kept lists, flat: q/k per head, v per head, neurons."""
-    return [tuple(x) for x in lay.qk] + [tuple(x) for x in lay.v] + [tuple(lay.neurons)]
-
-
-def _restore(lay, kept: list) -> None:
-    H = len(lay.qk)
-    lay.qk, lay.v = [list(x) for x in kept[:H]], [list(x) for x in kept[H:2 * H]]
-    lay.neurons = list(kept[-1])
-
-
-def _give_back(lay, taken) -> None:
-    _restore(lay, [sorted(set(k) | set(t)) for k, t in zip(_kept(lay), taken)])
+    def valid(self, l: int, state: tuple) -> bool:
+        H = len(self._ledger.layers[l].qk)
+        return not any(q and not v for q, v in zip(state[:H], state[H:2 * H]))  # no v: no head
 
 
 def allocate_cnn(scores, g, target: float, mode: str = "global", granularity: str = "channel",
