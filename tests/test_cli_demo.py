@@ -60,7 +60,10 @@ def test_demo_cli_tiny_learned_run(tmp_path, capsys, monkeypatch, latency):
     compact = pyengine.load(out)
     s = pyengine.Spec.from_json((out / "spec.json").read_text())
     assert pyengine.spec(compact).blocks == s.blocks
-    assert pyengine.cost(compact).macs == report["compact_macs"] // report["batch"]
+    # the structure's MACs, and the compiled model's with its head layout (planned from this
+    # machine's measured table: padded buckets compute more, whichever the timings chose)
+    assert pyengine.cost(s).macs == report["compact_macs"] // report["batch"]
+    assert pyengine.cost(compact).macs == report["compiled_macs"] // report["batch"]
     printed = capsys.readouterr().out
     assert "speedup" in printed and "top-1" in printed
 
